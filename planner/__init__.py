@@ -1,0 +1,1 @@
+"""Halda: choose each device's layer window from measured profiles (PuLP)."""

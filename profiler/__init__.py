@@ -1,0 +1,1 @@
+"""Measure a device and a model the way the planner needs them."""
