@@ -1,23 +1,36 @@
-"""Numba code-generation settings, applied before numba is first imported.
+"""Numba code-generation settings, applied before numba compiles anything.
 
 Measured in shared/KERNELS.md: with the straight-line (SLP) vectorizer on and the loop
 vectorizer off, per-lane accumulator kernels compile to packed 512-bit int8->f32 FMAs; stock
 settings unroll the block loop and fall back to gathers (3-6 GB/s instead of ~19).
-The flags are process-wide, so they are set here, once, and only if the user has not set them.
+The flags are process-wide, so they are set here, once, unless the user set them. If numba was
+imported first, its config object is patched instead (codegen reads it at first compile).
+Numba's on-disk cache does not key on these flags, so the cache directory does.
 """
 
 import os
 import sys
+from pathlib import Path
 
 _FLAGS = {"NUMBA_SLP_VECTORIZE": "1", "NUMBA_LOOP_VECTORIZE": "0"}
 
 
+def _cache_dir() -> str:
+    tag = "slp{}-loop{}".format(os.environ["NUMBA_SLP_VECTORIZE"], os.environ["NUMBA_LOOP_VECTORIZE"])
+    root = os.environ.get("PRIMA_REF_CACHE") or Path.home() / ".cache" / "prima-ref"
+    return str(Path(root) / "numba" / tag)
+
+
 def apply() -> None:
-    if "numba" in sys.modules:
-        # Too late to change codegen; kernels still work, only slower.
-        return
     for key, value in _FLAGS.items():
         os.environ.setdefault(key, value)
+    os.environ.setdefault("NUMBA_CACHE_DIR", _cache_dir())
+    numba = sys.modules.get("numba")
+    if numba is not None:
+        config = sys.modules["numba.core.config"]
+        config.SLP_VECTORIZE = int(os.environ["NUMBA_SLP_VECTORIZE"])
+        config.LOOP_VECTORIZE = int(os.environ["NUMBA_LOOP_VECTORIZE"])
+        config.CACHE_DIR = os.environ["NUMBA_CACHE_DIR"]
 
 
 apply()

@@ -23,3 +23,9 @@ def test_every_layout_matches_gguf():
 
     for qtype, layout in LAYOUTS.items():
         assert (layout.block_size, layout.type_size) == GGML_QUANT_SIZES[qtype]
+
+
+def test_codegen_flags_hold_even_when_numba_is_imported_first():
+    code = "import numba, prima_ref; print(numba.config.SLP_VECTORIZE, numba.config.LOOP_VECTORIZE)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["1", "0"]

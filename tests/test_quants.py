@@ -46,6 +46,7 @@ def finite_blocks(qtype, data: np.ndarray, n_rows: int) -> np.ndarray:
             lo = blocks[:, 53]  # top byte of the 3rd holds exponent bits 10-11
             inf = ((hi & 0x70) == 0x70) & ((lo & 0xC0) == 0xC0)
             blocks[inf, 55] &= np.uint8(0xBF)
+            return raw.reshape(n_rows, -1)  # no whole f16 field to clean
         for off in F16_FIELDS[qtype]:
             v = blocks[:, off : off + 2].copy().view(np.uint16)[:, 0]
             bad = (v & 0x7C00) == 0x7C00
@@ -63,14 +64,14 @@ def realistic_rows(qtype, rng, n_rows, n_cols):
     """Weights with the magnitudes real models have: quantize normal data where gguf can,
     otherwise random blocks with small scales."""
     w = (rng.standard_normal((n_rows, n_cols)) * 0.05).astype(np.float32)
-    if qtype in (T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.IQ4_NL):
+    if qtype in (T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1):  # gguf quantizes these
         return np.ascontiguousarray(gq.quantize(w, qtype).view(np.uint8).reshape(n_rows, -1))
     raw = random_rows(qtype, rng, n_rows, n_cols // LAYOUTS[qtype].block_size)
     blocks = raw.reshape(-1, LAYOUTS[qtype].type_size)
     small = (rng.standard_normal(blocks.shape[0]) * 1e-3).astype(np.float16).view(np.uint8).reshape(-1, 2)
     for off in F16_FIELDS.get(qtype, []):
         blocks[:, off : off + 2] = small
-    if qtype == T.IQ1_M:  # d = 0.0625-ish: exponent bits from the top nibbles of the scales
+    if qtype == T.IQ1_M:  # d = 2**-7: f16 bits 12-15 are the top nibble of byte 55
         blocks[:, 49:56:2] &= np.uint8(0x0F)
         blocks[:, 55] |= np.uint8(0x20)
     return raw

@@ -1,0 +1,398 @@
+"""Legacy 32-weight quants: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 (ggml-common.h block_q*).
+
+Block layouts, in on-disk order (``d``, ``m``: f16; weight ``j`` of the block, j < 32):
+
+    Q8_0  d | qs[32] int8                      w_j = d * qs[j]
+    Q4_0  d | qs[16] (low nibble: j, high: j+16)  w_j = d * (q_j - 8)
+    Q4_1  d | m | qs[16]                       w_j = d * q_j + m
+    Q5_0  d | qh u32 (bit j: 5th bit of q_j) | qs[16]    w_j = d * (q_j - 16)
+    Q5_1  d | m | qh u32 | qs[16]              w_j = d * q_j + m
+
+Every type is written as w_j = d * (u_j - k) + m with unsigned quants u_j < 256 and a
+constant k (Q8_0 stores u_j = qs[j] + 128), so one int8 dot product serves all five:
+x is quantized to int8 blocks (``simd.quantize_x_q8``: qx, dx, sx = block sums) and
+
+    sum_j w_j x_j  ~=  d * dx * (sum_j u_j qx_j - k * sx)  +  m * dx * sx
+
+The integer part is one VNNI ``vpdpbusd`` per block on CPUs that have it (``simd.has_vnni``),
+else a portable Numba loop computes the same integers. The error against float x is the int8
+rounding of x (bound 5e-4, so ``x_quantized=True``). ``dequantize`` mirrors gguf-py's float32
+operation order per type, so it is bit-equal to ``gguf.quants.dequantize``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from gguf.constants import GGMLQuantizationType as T
+from numba import njit, prange
+
+from prima_ref.quants import QuantKernels
+from prima_ref.quants.layouts import LAYOUTS, QK_LEGACY
+from prima_ref.quants.simd import (
+    axpy_f32x8,
+    dot_u8i8_i32x8,
+    dot_u8i8_i32x16,
+    dup_u8x64,
+    f32x8_zero,
+    fma_i32x8,
+    fma_i32x16_store,
+    has_vnni,
+    hsum_f32x8,
+    i32x8_zero,
+    i32x16_zero,
+    load_bits_u8x32,
+    load_f16,
+    load_f32x16,
+    load_i8x32,
+    load_i8x64,
+    load_nibbles_u8x32,
+    load_q8_as_u8x32,
+    mul_f32x16,
+    or_u8x32,
+    quantize_x_q8,
+    splat_f32x16,
+)
+
+
+class LegacyKernelInputError(ValueError):
+    pass
+
+
+# --- layout constants (from the field sizes, never literals) ------------------------------------
+
+QK = QK_LEGACY
+UQK = np.uint64(QK)
+F16_BYTES = 2
+QH_BYTES = QK // 8  # one high bit per weight (Q5)
+Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 = (int(t) for t in (T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1))
+BLOCK_BYTES = {k: LAYOUTS[T(k)].type_size for k in (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1)}
+HAS_MIN = {Q8_0: False, Q4_0: False, Q4_1: True, Q5_0: False, Q5_1: True}
+HAS_QH = {Q8_0: False, Q4_0: False, Q4_1: False, Q5_0: True, Q5_1: True}
+# byte offset of qs / qh inside a block
+QS_OFF = {k: F16_BYTES * (1 + HAS_MIN[k]) + QH_BYTES * HAS_QH[k] for k in BLOCK_BYTES}
+QH_OFF = {k: F16_BYTES * (1 + HAS_MIN[k]) for k in BLOCK_BYTES}
+U0, U1, U2 = np.uint64(0), np.uint64(1), np.uint64(2)
+K_OFFSET = {Q8_0: 128, Q4_0: 8, Q4_1: 0, Q5_0: 16, Q5_1: 0}  # u_j - k is the signed quant
+
+
+
+def _by_kind(table: dict) -> tuple:
+    """Numba indexes tuples by a constant kind and folds the lookup; it cannot index dicts."""
+    return tuple(table.get(k, 0) for k in range(max(table) + 1))
+
+
+_BB, _QS, _QH, _K, _MIN = map(_by_kind, (BLOCK_BYTES, QS_OFF, QH_OFF, K_OFFSET, HAS_MIN))
+
+
+# --- numpy reference (gguf-py's operation order) ------------------------------------------------
+
+
+def _f16(blocks: np.ndarray, off: int) -> np.ndarray:
+    return blocks[:, off : off + F16_BYTES].copy().view(np.float16).astype(np.float32)  # (n, 1)
+
+
+def _unsigned_quants_ref(kind: int, blocks: np.ndarray) -> np.ndarray:
+    """u_j as uint8 (n_blocks, 32): the quant without its offset k."""
+    qs = blocks[:, QS_OFF[kind] :]
+    if kind == Q8_0:
+        return qs[:, :QK].view(np.int8).astype(np.int16) + K_OFFSET[Q8_0]
+    u = np.concatenate([qs & np.uint8(0x0F), qs >> np.uint8(4)], axis=1)
+    if HAS_QH[kind]:
+        qh = blocks[:, QH_OFF[kind] : QH_OFF[kind] + QH_BYTES].copy().view(np.uint32)
+        bits = (qh >> np.arange(QK, dtype=np.uint32)) & np.uint32(1)  # (n, 32)
+        u = u | (bits.astype(np.uint8) << np.uint8(4))
+    return u
+
+
+def dequantize_ref(kind: int, raw: np.ndarray) -> np.ndarray:
+    n_rows = raw.shape[0]
+    blocks = raw.reshape(-1, BLOCK_BYTES[kind])
+    d = _f16(blocks, 0)
+    u = _unsigned_quants_ref(kind, blocks)
+    if HAS_MIN[kind]:  # gguf: (d * q) + m
+        w = d * u.astype(np.float32) + _f16(blocks, F16_BYTES)
+    else:  # gguf: d * float(q - k); Q8_0: float(q) * d, the same product
+        w = d * (u.astype(np.int16) - K_OFFSET[kind]).astype(np.float32)
+    return w.reshape(n_rows, -1)
+
+
+# --- Numba dequantize ---------------------------------------------------------------------------
+
+
+@njit(cache=True, inline="always")
+def _quant(kind, row, o, j):
+    """Unsigned quant u_j of the block at byte o of a row (u_j - k is the signed quant)."""
+    if kind == Q8_0:
+        return np.int32(row[o + _QS[kind] + j]) ^ 128  # int8 bits + 128
+    byte = np.int32(row[o + _QS[kind] + (j & 15)])
+    u = (byte >> 4) if j >= 16 else (byte & 15)
+    if _QH[kind] != _QS[kind]:
+        qh = o + _QH[kind]
+        u |= ((np.int32(row[qh + (j >> 3)]) >> (j & 7)) & 1) << 4
+    return u
+
+
+@njit(cache=True, inline="always")
+def _dequantize_rows(kind, raw, out):
+    bb = _BB[kind]
+    for r in prange(raw.shape[0]):
+        row = raw[r]
+        for b in range(raw.shape[1] // bb):
+            o = b * bb
+            d = load_f16(row, o)
+            m = load_f16(row, o + F16_BYTES) if _MIN[kind] else np.float32(0)
+            for j in range(QK):
+                u = _quant(kind, row, o, j)
+                if _MIN[kind]:
+                    out[r, b * QK + j] = d * np.float32(u) + m
+                else:
+                    out[r, b * QK + j] = d * np.float32(u - _K[kind])
+
+
+# --- int8 dot products: VNNI and portable -------------------------------------------------------
+
+
+@njit(cache=True, inline="always")
+def _block_vnni(kind, row, o):
+    """The block's unsigned quants as 32 bytes, for vpdpbusd."""
+    qs = o + np.uint64(_QS[kind])
+    if kind == Q8_0:
+        return load_q8_as_u8x32(row, qs)
+    u = load_nibbles_u8x32(row, qs)
+    if _QH[kind] != _QS[kind]:
+        u = or_u8x32(u, load_bits_u8x32(row, o + np.uint64(_QH[kind]), 16))
+    return u
+
+
+@njit(cache=True, inline="always")
+def _block_dot_vnni(kind, row, o, qx, b, dx, acc):
+    """acc + (d * dx_b) * (the block's 8 lane sums of u_j * qx_j)."""
+    dot = dot_u8i8_i32x8(i32x8_zero(), _block_vnni(kind, row, o), load_i8x32(qx, b * UQK))
+    return fma_i32x8(acc, dot, load_f16(row, o) * dx[b])
+
+
+@njit(cache=True, inline="always")
+def _row_dot_vnni(kind, row, qx, dx, dxsx):
+    """sum_j w_j x_j for one weight row; qx int8 (n,), dx and dxsx = dx * sx f32 (n // 32,)."""
+    # uint64 indices: Numba adds negative-index wraparound code to every signed array index
+    bb, n_blocks = np.uint64(_BB[kind]), np.uint64(dx.shape[0])
+    field = np.uint64(F16_BYTES if _MIN[kind] else 0)  # offset term's scale: m, else d
+    acc0, acc1 = f32x8_zero(), f32x8_zero()  # two chains each hide the FMA latency
+    off0, off1 = np.float32(0), np.float32(0)
+    for b in range(U0, n_blocks - U1, U2):
+        o = b * bb
+        acc0 = _block_dot_vnni(kind, row, o, qx, b, dx, acc0)
+        acc1 = _block_dot_vnni(kind, row, o + bb, qx, b + U1, dx, acc1)
+        off0 += load_f16(row, o + field) * dxsx[b]
+        off1 += load_f16(row, o + bb + field) * dxsx[b + U1]
+    if n_blocks & U1:
+        b = n_blocks - U1
+        acc0 = _block_dot_vnni(kind, row, b * bb, qx, b, dx, acc0)
+        off0 += load_f16(row, b * bb + field) * dxsx[b]
+    scale_off = np.float32(1) if _MIN[kind] else np.float32(-_K[kind])
+    return hsum_f32x8(acc0) + hsum_f32x8(acc1) + scale_off * (off0 + off1)
+
+
+@njit(cache=True, inline="always")
+def _row_dot_portable(kind, row, qx, dx, dxsx):
+    """_row_dot_vnni's arithmetic in plain Numba, for CPUs without VNNI."""
+    bb = _BB[kind]
+    acc, off = np.float32(0), np.float32(0)
+    field = F16_BYTES if _MIN[kind] else 0
+    for b in range(dx.shape[0]):
+        o = b * bb
+        dot = np.int32(0)
+        for j in range(QK):
+            dot += _quant(kind, row, o, j) * np.int32(qx[b * QK + j])
+        acc += np.float32(dot) * (load_f16(row, o) * dx[b])
+        off += load_f16(row, o + field) * dxsx[b]
+    return acc + (np.float32(1) if _MIN[kind] else np.float32(-_K[kind])) * off
+
+
+# --- matmul: each weight block decoded once, reused over all tokens ------------------------------
+# Activations are block-major (n_blocks, n_tokens_padded, ...) so a block's token loop reads
+# contiguous bytes, and tokens pad with zeros to TOKEN_LANES so no loop has a tail. A task
+# takes ROW_TILE rows: each activation load from L2 then serves 4 weight rows, which is what
+# keeps the loop from being L2-bandwidth bound.
+
+ROW_TILE = 4
+TOKEN_LANES = 8  # offset sums run 8 tokens wide, the 512-bit dot 2 tokens wide
+U8 = np.uint64(8)
+
+
+@njit(cache=True, inline="always")
+def _matmul_rows(kind, vnni, raw, qxb, dx8, dxsxb, ys):
+    """ys (n_tokens, n_rows); qxb int8 (n_blocks * padded * 32,), dx8 f32 (n_blocks * padded
+    * 8,): each dx 8 times, dxsxb f32 (n_blocks * padded,): dx * sx."""
+    bb, n_rows = np.uint64(_BB[kind]), raw.shape[0]
+    n_blocks = np.uint64(raw.shape[1]) // bb
+    padded = np.uint64(dxsxb.shape[0]) // n_blocks
+    field = np.uint64(F16_BYTES if _MIN[kind] else 0)
+    scale_off = np.float32(1) if _MIN[kind] else np.float32(-_K[kind])
+    for task in prange((n_rows + ROW_TILE - 1) // ROW_TILE):
+        r0 = task * ROW_TILE
+        last = n_rows - 1  # a short last tile repeats its last row and drops the copies
+        rows = (raw[r0], raw[min(r0 + 1, last)], raw[min(r0 + 2, last)], raw[min(r0 + 3, last)])
+        acc = np.zeros(ROW_TILE * padded * U8, np.float32)  # (ROW_TILE, padded, 8 lanes)
+        off = np.zeros(ROW_TILE * padded, np.float32)  # (ROW_TILE, padded)
+        for b in range(U0, n_blocks, U1):
+            o = b * bb
+            if vnni:
+                _tile_block_vnni(kind, rows, o, qxb, dx8, b * padded, padded, acc)
+            for k in range(ROW_TILE):
+                if not vnni:
+                    _block_tokens_portable(kind, rows[k], o, qxb, dx8, b * padded, padded,
+                                           acc[k * padded * U8 :])
+                f = load_f16(rows[k], o + field)
+                for t in range(U0, padded, U8):
+                    axpy_f32x8(off, k * padded + t, f, dxsxb, b * padded + t)
+        for k in range(min(ROW_TILE, n_rows - r0)):
+            for t in range(ys.shape[0]):
+                lanes = (k * padded + t) * U8
+                ys[t, r0 + k] = acc[lanes : lanes + U8].sum() + scale_off * off[k * padded + t]
+
+
+@njit(cache=True, inline="always")
+def _tile_block_vnni(kind, rows, o, qxb, dx8, i0, padded, acc):
+    """acc[k, t] += d_k * dx[t] * (lane sums of u_k . qx[t]) for 4 rows k and all tokens t."""
+    u0, u1 = dup_u8x64(_block_vnni(kind, rows[0], o)), dup_u8x64(_block_vnni(kind, rows[1], o))
+    u2, u3 = dup_u8x64(_block_vnni(kind, rows[2], o)), dup_u8x64(_block_vnni(kind, rows[3], o))
+    d0, d1 = splat_f32x16(load_f16(rows[0], o)), splat_f32x16(load_f16(rows[1], o))
+    d2, d3 = splat_f32x16(load_f16(rows[2], o)), splat_f32x16(load_f16(rows[3], o))
+    stride = padded * U8  # one row's accumulators
+    for t in range(U0, padded, U2):  # two tokens per 512-bit step
+        qx, dx = load_i8x64(qxb, (i0 + t) * UQK), load_f32x16(dx8, (i0 + t) * U8)
+        a = t * U8
+        fma_i32x16_store(acc, a, dot_u8i8_i32x16(i32x16_zero(), u0, qx), mul_f32x16(d0, dx))
+        a += stride
+        fma_i32x16_store(acc, a, dot_u8i8_i32x16(i32x16_zero(), u1, qx), mul_f32x16(d1, dx))
+        a += stride
+        fma_i32x16_store(acc, a, dot_u8i8_i32x16(i32x16_zero(), u2, qx), mul_f32x16(d2, dx))
+        a += stride
+        fma_i32x16_store(acc, a, dot_u8i8_i32x16(i32x16_zero(), u3, qx), mul_f32x16(d3, dx))
+
+
+@njit(cache=True, inline="always")
+def _block_tokens_portable(kind, row, o, qxb, dx8, i0, padded, acc):
+    u = np.empty(QK, np.int32)  # (32,) the decoded block
+    for j in range(QK):
+        u[j] = _quant(kind, row, o, j)
+    d = load_f16(row, o)
+    for t in range(U0, padded, U1):
+        i = i0 + t
+        dot = np.int32(0)
+        for j in range(QK):
+            dot += u[j] * np.int32(qxb[i * UQK + j])
+        acc[t * U8] += np.float32(dot) * (d * dx8[i * U8])
+
+
+# --- per-type kernels and the checked Python entry points ---------------------------------------
+
+
+def _compile(kind: int, vnni: bool):
+    """Top-level Numba kernels for one type. The VNNI ones are built only on VNNI CPUs: LLVM
+    cannot select vpdpbusd elsewhere, so they must never be compiled there."""
+
+    @njit(cache=True, parallel=True)
+    def dequantize(raw, out):
+        _dequantize_rows(kind, raw, out)
+
+    if vnni:
+
+        @njit(cache=True, parallel=True)
+        def matvec(raw, qx, dx, dxsx, y):
+            for r in prange(raw.shape[0]):
+                y[r] = _row_dot_vnni(kind, raw[r], qx, dx, dxsx)
+
+        @njit(cache=True, parallel=True)
+        def matmul(raw, qxb, dx8, dxsxb, ys):
+            _matmul_rows(kind, True, raw, qxb, dx8, dxsxb, ys)
+
+    else:
+
+        @njit(cache=True, parallel=True)
+        def matvec(raw, qx, dx, dxsx, y):
+            for r in prange(raw.shape[0]):
+                y[r] = _row_dot_portable(kind, raw[r], qx, dx, dxsx)
+
+        @njit(cache=True, parallel=True)
+        def matmul(raw, qxb, dx8, dxsxb, ys):
+            _matmul_rows(kind, False, raw, qxb, dx8, dxsxb, ys)
+
+    return dequantize, matvec, matmul
+
+
+def _check_raw(qtype: T, raw: np.ndarray) -> int:
+    """Validate a (n_rows, row_bytes) uint8 tensor; return n_cols."""
+    bb = LAYOUTS[qtype].type_size
+    if raw.dtype != np.uint8 or raw.ndim != 2 or not raw.flags.c_contiguous:
+        raise LegacyKernelInputError(
+            f"{qtype.name}: raw must be a C-contiguous uint8 (n_rows, row_bytes) array, "
+            f"got {raw.dtype} {raw.shape}")
+    if raw.shape[1] % bb or raw.shape[1] == 0:  # the kernels count down from n_blocks - 1
+        raise LegacyKernelInputError(
+            f"{qtype.name}: row of {raw.shape[1]} bytes is not a whole, non-zero number of "
+            f"{bb}-byte blocks")
+    return raw.shape[1] // bb * QK
+
+
+def _check_x(qtype: T, x: np.ndarray, n_cols: int, ndim: int) -> np.ndarray:
+    x = np.asarray(x)
+    if x.ndim != ndim or x.shape[-1] != n_cols:
+        want = "(n_cols,)" if ndim == 1 else "(n_tokens, n_cols)"
+        raise LegacyKernelInputError(
+            f"{qtype.name}: x must have shape {want} with n_cols={n_cols}, got {x.shape}")
+    return x
+
+
+def _block_major_activations(xs: np.ndarray):
+    """int8 activations, block-major and zero-padded to TOKEN_LANES tokens (zero tokens add
+    nothing): qxb (n_blocks * padded * 32,), dx8 (n_blocks * padded * 8,): each dx 8 times,
+    dxsxb (n_blocks * padded,): dx * sx."""
+    n_tokens = xs.shape[0]
+    padded = -(-n_tokens // TOKEN_LANES) * TOKEN_LANES
+    xs_pad = np.zeros((padded, xs.shape[1]), np.float32)  # (padded, n_cols)
+    xs_pad[:n_tokens] = xs
+    qx, dx, sx = quantize_x_q8(xs_pad)
+    n_blocks = dx.shape[1]
+    qxb = np.ascontiguousarray(qx.reshape(padded, n_blocks, QK).transpose(1, 0, 2))
+    dx8 = np.repeat(dx.T.reshape(-1), 8)  # (n_blocks * padded * 8,)
+    dxsxb = np.ascontiguousarray((dx * sx.astype(np.float32)).T)  # (n_blocks, padded)
+    return qxb.reshape(-1), dx8, dxsxb.reshape(-1)
+
+
+def make_kernels(qtype: T, vnni: bool) -> QuantKernels:
+    """QuantKernels for one legacy type; vnni=False gives the portable path on any CPU."""
+    kind = int(qtype)
+    if vnni and not has_vnni():
+        raise LegacyKernelInputError(f"{qtype.name}: this CPU has no VNNI; use vnni=False")
+    dequant_nb, matvec_nb, matmul_nb = _compile(kind, vnni)
+
+    def dequantize(raw):
+        n_cols = _check_raw(qtype, raw)
+        out = np.empty((raw.shape[0], n_cols), np.float32)  # (n_rows, n_cols)
+        dequant_nb(raw, out)
+        return out
+
+    def matvec(raw, x):
+        x = _check_x(qtype, x, _check_raw(qtype, raw), 1)
+        qx, dx, sx = quantize_x_q8(x)
+        y = np.empty(raw.shape[0], np.float32)  # (n_rows,)
+        matvec_nb(raw, qx, dx, dx * sx.astype(np.float32), y)
+        return y
+
+    def matmul(raw, xs):
+        xs = _check_x(qtype, xs, _check_raw(qtype, raw), 2)
+        ys = np.empty((xs.shape[0], raw.shape[0]), np.float32)  # (n_tokens, n_rows)
+        if xs.shape[0] == 1:  # padding one token to TOKEN_LANES would cost 8x
+            ys[0] = matvec(raw, xs[0])
+        elif xs.shape[0]:
+            matmul_nb(raw, *_block_major_activations(xs), ys)
+        return ys
+
+    return QuantKernels(
+        dequantize_ref=lambda raw: dequantize_ref(kind, _check_raw(qtype, raw) and raw),
+        dequantize=dequantize, matvec=matvec, matmul=matmul, x_quantized=True)
+
+
+KERNELS = {t: make_kernels(t, has_vnni()) for t in (T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1)}

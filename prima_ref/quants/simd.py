@@ -1,0 +1,489 @@
+"""Low-level helpers shared by the quant kernels: CPU features, int8 activations, SIMD intrinsics.
+
+Stable API (other quant families build on it):
+
+- ``has_vnni()``, ``has_f16c()``: what the host CPU can run (llvmlite's host feature list).
+- ``quantize_x_q8(x) -> (qx, dx, sx)``: x float32 (..., n) to int8 blocks of 32 as llama.cpp's
+  Q8_0/Q8_1 activations: ``qx`` int8 (..., n), ``dx`` float32 (..., n//32) scales and ``sx``
+  int32 (..., n//32) block sums of ``qx`` (so offset/min terms cost one FMA per block).
+- ``load_f16(raw, off) -> float32``: njit-callable; the f16 at byte ``off`` of a uint8 array.
+- 256-bit vector values for njit kernels, written like C intrinsics (one x86 instruction or a
+  few each). A kernel holds them in locals; LLVM keeps them in ymm registers:
+    ``U8x32`` (32 x u8), ``I8x32`` (32 x i8), ``I32x8`` (8 x i32), ``F32x8`` (8 x f32)
+    ``load_u8x32(a, off)``      32 bytes at byte offset off of any 1-D C-contiguous int8/uint8 array
+    ``load_q8_as_u8x32(a, off)``  32 int8 weights + 128, so they fit vpdpbusd's unsigned operand
+    ``load_i8x32(a, off)``      32 int8 of a quantized activation
+    ``load_nibbles_u8x32(a, off)`` 16 bytes -> their 16 low nibbles then their 16 high nibbles
+    ``load_bits_u8x32(a, off, v)`` 32 bits (u32 at off) -> 32 bytes, v where the bit is set else 0
+    ``or_u8x32(a, b)``
+    ``dot_u8i8_i32x8(acc, u, s)``  acc + 4-byte group sums of u*s: VNNI vpdpbusd (only call it
+                                when ``has_vnni()``; LLVM cannot select it otherwise)
+    ``i32x8_zero()``, ``f32x8_zero()``, ``splat_f32x8(s)``, ``mul_f32x8(a, s)``
+    ``fma_i32x8(acc, v, s)``    acc + float(v) * s; s is an F32x8 or a scalar float (splat)
+    ``fma_i32x8_store(out, i, v, s)``  out[i:i+8] += float(v) * s (out float32 1-D)
+    ``hsum_f32x8(v) -> float32``, ``axpy_f32x8(y, i, a, x, j)``: y[i:i+8] += a * x[j:j+8]
+
+- 512-bit twins for two blocks or two tokens per instruction: ``U8x64``, ``I8x64``, ``I32x16``,
+  ``F32x16``; ``dup_u8x64(u)`` (u, u), ``load_i8x64``, ``i32x16_zero``, ``dot_u8i8_i32x16``,
+  ``load_f32x16(a, i)``, ``splat_f32x16``, ``mul_f32x16``, ``fma_i32x16_store(out, i, v, s)``.
+
+Everything except the ``dot_u8i8_*`` pair is plain LLVM IR and compiles on any CPU.
+"""
+
+from __future__ import annotations
+
+import os
+
+import llvmlite.binding as llvm
+import numpy as np
+from llvmlite import ir
+from numba import njit
+from numba.core import cgutils, types
+from numba.extending import intrinsic, models, register_model
+
+from prima_ref.quants.layouts import QK_LEGACY
+
+# --- CPU features -------------------------------------------------------------------------------
+
+_FEATURES: dict[str, bool] | None = None
+
+
+def cpu_features() -> dict[str, bool]:
+    """The features Numba compiles for: NUMBA_CPU_FEATURES when set (as Numba does, e.g. to
+    build for an older CPU), else the host's."""
+    global _FEATURES
+    if _FEATURES is None:
+        forced = os.environ.get("NUMBA_CPU_FEATURES")
+        if forced is not None:
+            flags = [f.strip() for f in forced.split(",") if f.strip()]
+            _FEATURES = {f[1:]: f[0] == "+" for f in flags}
+        else:
+            _FEATURES = dict(llvm.get_host_cpu_features())
+    return _FEATURES
+
+
+def has_vnni() -> bool:
+    """256-bit vpdpbusd: AVX512-VNNI with AVX512VL, or AVX-VNNI (VEX encoded)."""
+    f = cpu_features()
+    return bool((f.get("avx512vnni") and f.get("avx512vl")) or f.get("avxvnni"))
+
+
+def has_f16c() -> bool:
+    """Whether fpext half->float compiles to vcvtph2ps (else LLVM would call a libgcc helper)."""
+    return bool(cpu_features().get("f16c"))
+
+
+# --- int8 activations ---------------------------------------------------------------------------
+
+
+@njit(cache=True)
+def _quantize_rows_q8(x, qx, dx, sx):
+    # x (n_rows, n), qx (n_rows, n), dx/sx (n_rows, n // 32); round half away like roundf
+    for r in range(x.shape[0]):
+        for b in range(dx.shape[1]):
+            lo = b * QK_LEGACY
+            amax = np.float32(0.0)
+            for j in range(QK_LEGACY):
+                amax = max(amax, abs(x[r, lo + j]))
+            d = amax / np.float32(127.0)
+            inv_d = np.float32(1.0) / d if d != 0 else np.float32(0.0)
+            total = 0
+            for j in range(QK_LEGACY):
+                q = np.int32(np.round(x[r, lo + j] * inv_d))
+                qx[r, lo + j] = q
+                total += q
+            dx[r, b] = d
+            sx[r, b] = total
+
+
+def quantize_x_q8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Activations to int8 per block of 32 (llama.cpp Q8_0/Q8_1 style, x float32 (..., n))."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    n = x.shape[-1]
+    if n % QK_LEGACY:
+        raise ValueError(f"int8 activations need a multiple of {QK_LEGACY} values, got {n}")
+    rows = x.reshape(-1, n)
+    qx = np.empty(rows.shape, np.int8)  # (n_rows, n)
+    dx = np.empty((rows.shape[0], n // QK_LEGACY), np.float32)  # (n_rows, n_blocks)
+    sx = np.empty((rows.shape[0], n // QK_LEGACY), np.int32)  # (n_rows, n_blocks)
+    _quantize_rows_q8(rows, qx, dx, sx)
+    lead = x.shape[:-1]
+    return qx.reshape(x.shape), dx.reshape(*lead, -1), sx.reshape(*lead, -1)
+
+
+# --- f16 scales ---------------------------------------------------------------------------------
+
+
+@njit(cache=True, inline="always")
+def _f16_bits_to_f32(h):
+    # Portable exact conversion for CPUs without F16C.
+    h = np.uint32(h)
+    sign = (h >> np.uint32(15)) << np.uint32(31)
+    exp = (h >> np.uint32(10)) & np.uint32(0x1F)
+    mant = h & np.uint32(0x3FF)
+    if exp == 0:  # zero or subnormal: mant * 2^-24 is exact in float32
+        mag = np.float32(mant) * np.float32(2.0**-24)
+        return -mag if sign else mag
+    if exp == 31:
+        bits = sign | np.uint32(0x7F800000) | (mant << np.uint32(13))
+    else:
+        bits = sign | ((exp + np.uint32(112)) << np.uint32(23)) | (mant << np.uint32(13))
+    return np.array([bits], np.uint32).view(np.float32)[0]
+
+
+def _ptr(context, builder, sig, args, i_arr=0, i_off=1):
+    """i8* to byte args[i_off] of the C-contiguous 1-D byte array args[i_arr]."""
+    data = cgutils.create_struct_proxy(sig.args[i_arr])(context, builder, value=args[i_arr]).data
+    off = context.cast(builder, args[i_off], sig.args[i_off], types.int64)
+    return builder.gep(builder.bitcast(data, ir.IntType(8).as_pointer()), [off])
+
+
+def _load(builder, ptr, ty):
+    return builder.load(builder.bitcast(ptr, ty.as_pointer()), align=1)
+
+
+def _is_byte_array(t) -> bool:
+    return isinstance(t, types.Array) and t.dtype in (types.uint8, types.int8) and t.ndim == 1
+
+
+@intrinsic
+def _load_f16_f16c(typingctx, raw, off):
+    if not (_is_byte_array(raw) and isinstance(off, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        h = _load(builder, _ptr(context, builder, sig, args), ir.IntType(16))
+        return builder.fpext(builder.bitcast(h, ir.HalfType()), ir.FloatType())
+
+    return types.float32(raw, off), codegen
+
+
+@njit(cache=True, inline="always")
+def _load_f16_portable(raw, off):
+    return _f16_bits_to_f32(np.uint16(raw[off]) | (np.uint16(raw[off + 1]) << np.uint16(8)))
+
+
+load_f16 = _load_f16_f16c if has_f16c() else _load_f16_portable
+
+
+# --- 256-bit vectors ----------------------------------------------------------------------------
+
+_ELEM = {"u8": ir.IntType(8), "i8": ir.IntType(8), "i32": ir.IntType(32), "f32": ir.FloatType()}
+
+
+class Vec(types.Type):
+    def __init__(self, kind: str, count: int):
+        self.kind, self.count = kind, count
+        super().__init__(name=f"{kind}x{count}")
+
+
+@register_model(Vec)
+class _VecModel(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type):
+        super().__init__(dmm, fe_type, ir.VectorType(_ELEM[fe_type.kind], fe_type.count))
+
+
+U8x32, I8x32, I32x8, F32x8 = Vec("u8", 32), Vec("i8", 32), Vec("i32", 8), Vec("f32", 8)
+_V32I8 = ir.VectorType(ir.IntType(8), 32)
+_V8I32 = ir.VectorType(ir.IntType(32), 8)
+_V8F32 = ir.VectorType(ir.FloatType(), 8)
+
+
+def _splat(builder, value, vec_ty):
+    v = builder.insert_element(ir.Constant(vec_ty, None), value, ir.Constant(ir.IntType(32), 0))
+    return builder.shuffle_vector(v, v, _mask([0] * vec_ty.count))
+
+
+def _fma(builder, vec_ty=_V8F32):
+    fnty = ir.FunctionType(vec_ty, [vec_ty] * 3)
+    return cgutils.get_or_insert_function(builder.module, fnty, f"llvm.fma.v{vec_ty.count}f32")
+
+
+def _mask(indices):
+    return ir.Constant(ir.VectorType(ir.IntType(32), len(indices)), list(indices))
+
+
+def _f32_ptr(context, builder, sig, args, k_arr, k_off, vec_ty):
+    data = cgutils.create_struct_proxy(sig.args[k_arr])(context, builder, value=args[k_arr]).data
+    off = context.cast(builder, args[k_off], sig.args[k_off], types.int64)
+    return builder.bitcast(builder.gep(data, [off]), vec_ty.as_pointer())
+
+
+def _ld(builder, ptr):
+    return builder.load(ptr, align=4)  # float arrays are only 4-byte aligned
+
+
+def _is_f32_1d(t) -> bool:
+    return isinstance(t, types.Array) and t.dtype == types.float32 and t.ndim == 1
+
+
+def _byte_loader(result_ty, body):
+    """An intrinsic (array, byte offset) -> vector whose IR is body(builder, i8* ptr)."""
+
+    @intrinsic
+    def load(typingctx, arr, off):
+        if not (_is_byte_array(arr) and isinstance(off, types.Integer)):
+            return None
+
+        def codegen(context, builder, sig, args):
+            return body(builder, _ptr(context, builder, sig, args))
+
+        return result_ty(arr, off), codegen
+
+    return load
+
+
+def _nibbles(builder, ptr):
+    # Broadcast the 16 bytes to both 128-bit halves (a load, no shuffle), shift the upper half
+    # right by 4, mask: low nibbles then high nibbles without a cross-lane insert.
+    b = _load(builder, ptr, ir.VectorType(ir.IntType(8), 16))
+    both = builder.shuffle_vector(b, b, _mask(list(range(16)) * 2))
+    v4i64 = ir.VectorType(ir.IntType(64), 4)
+    shifted = builder.lshr(builder.bitcast(both, v4i64), ir.Constant(v4i64, [0, 0, 4, 4]))
+    return builder.and_(builder.bitcast(shifted, _V32I8), ir.Constant(_V32I8, [0x0F] * 32))
+
+
+load_u8x32 = _byte_loader(U8x32, lambda b, p: _load(b, p, _V32I8))
+load_i8x32 = _byte_loader(I8x32, lambda b, p: _load(b, p, _V32I8))
+load_q8_as_u8x32 = _byte_loader(
+    U8x32, lambda b, p: b.xor(_load(b, p, _V32I8), ir.Constant(_V32I8, [0x80] * 32))
+)
+load_nibbles_u8x32 = _byte_loader(U8x32, _nibbles)
+
+
+@intrinsic
+def load_bits_u8x32(typingctx, arr, off, value):
+    if not (_is_byte_array(arr) and isinstance(off, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        bits = _load(builder, _ptr(context, builder, sig, args), ir.IntType(32))
+        mask = builder.bitcast(bits, ir.VectorType(ir.IntType(1), 32))
+        v = _splat(builder, context.cast(builder, args[2], sig.args[2], types.uint8), _V32I8)
+        return builder.select(mask, v, ir.Constant(_V32I8, None))
+
+    return U8x32(arr, off, value), codegen
+
+
+@intrinsic
+def or_u8x32(typingctx, a, b):
+    if a != U8x32 or b != U8x32:
+        return None
+    return U8x32(a, b), lambda context, builder, sig, args: builder.or_(*args)
+
+
+@intrinsic
+def dot_u8i8_i32x8(typingctx, acc, u, s):
+    if (acc, u, s) != (I32x8, U8x32, I8x32):
+        return None
+
+    def codegen(context, builder, sig, args):
+        fnty = ir.FunctionType(_V8I32, [_V8I32, _V8I32, _V8I32])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.x86.avx512.vpdpbusd.256")
+        acc_v, u_v, s_v = args
+        return builder.call(fn, [acc_v, builder.bitcast(u_v, _V8I32), builder.bitcast(s_v, _V8I32)])
+
+    return I32x8(acc, u, s), codegen
+
+
+@intrinsic
+def i32x8_zero(typingctx):
+    return I32x8(), lambda context, builder, sig, args: ir.Constant(_V8I32, None)
+
+
+@intrinsic
+def f32x8_zero(typingctx):
+    return F32x8(), lambda context, builder, sig, args: ir.Constant(_V8F32, None)
+
+
+def _as_f32x8(context, builder, ty, value):
+    """A scale argument: an F32x8 as is, a scalar float splat to all lanes."""
+    if ty == F32x8:
+        return value
+    return _splat(builder, context.cast(builder, value, ty, types.float32), _V8F32)
+
+
+def _is_scale(t) -> bool:
+    return t == F32x8 or isinstance(t, types.Float)
+
+
+@intrinsic
+def mul_f32x8(typingctx, a, s):
+    """a * s for s an F32x8 or a scalar (splat): a scalar loaded from memory becomes an
+    embedded broadcast operand, no shuffle."""
+    if a != F32x8 or not _is_scale(s):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.fmul(args[0], _as_f32x8(context, builder, sig.args[1], args[1]))
+
+    return F32x8(a, s), codegen
+
+
+@intrinsic
+def splat_f32x8(typingctx, s):
+    if not isinstance(s, types.Float):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return _as_f32x8(context, builder, sig.args[0], args[0])
+
+    return F32x8(s), codegen
+
+
+@intrinsic
+def fma_i32x8(typingctx, acc, v, s):
+    if (acc, v) != (F32x8, I32x8) or not _is_scale(s):
+        return None
+
+    def codegen(context, builder, sig, args):
+        acc_v, v_v, s_v = args
+        scale = _as_f32x8(context, builder, sig.args[2], s_v)
+        return builder.call(_fma(builder), [builder.sitofp(v_v, _V8F32), scale, acc_v])
+
+    return F32x8(acc, v, s), codegen
+
+
+@intrinsic
+def fma_i32x8_store(typingctx, out, i, v, s):
+    """out[i:i+8] += float(v) * s, for accumulators kept in a small (L1) float32 array."""
+    if not (_is_f32_1d(out) and isinstance(i, types.Integer) and v == I32x8 and _is_scale(s)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        ptr = _f32_ptr(context, builder, sig, args, 0, 1, _V8F32)
+        scale = _as_f32x8(context, builder, sig.args[3], args[3])
+        products = builder.sitofp(args[2], _V8F32)
+        total = builder.call(_fma(builder), [products, scale, _ld(builder, ptr)])
+        builder.store(total, ptr, align=4)
+        return context.get_dummy_value()
+
+    return types.none(out, i, v, s), codegen
+
+
+@intrinsic
+def hsum_f32x8(typingctx, v):
+    if v != F32x8:
+        return None
+
+    def codegen(context, builder, sig, args):
+        total = ir.Constant(ir.FloatType(), 0.0)
+        for i in range(8):
+            lane = builder.extract_element(args[0], ir.Constant(ir.IntType(32), i))
+            total = builder.fadd(total, lane)
+        return total
+
+    return types.float32(v), codegen
+
+
+@intrinsic
+def axpy_f32x8(typingctx, y, i, a, x, j):
+    """y[i:i+8] += a * x[j:j+8] (float32 1-D arrays, a scalar): small per-token sums, 8 at once."""
+    indices = isinstance(i, types.Integer) and isinstance(j, types.Integer)
+    if not (_is_f32_1d(y) and _is_f32_1d(x) and indices and isinstance(a, types.Float)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        y_ptr = _f32_ptr(context, builder, sig, args, 0, 1, _V8F32)
+        x_ptr = _f32_ptr(context, builder, sig, args, 3, 4, _V8F32)
+        scale = _as_f32x8(context, builder, sig.args[2], args[2])
+        total = builder.call(_fma(builder), [scale, _ld(builder, x_ptr), _ld(builder, y_ptr)])
+        builder.store(total, y_ptr, align=4)
+        return context.get_dummy_value()
+
+    return types.none(y, i, a, x, j), codegen
+
+
+# --- 512-bit vectors: two 32-weight blocks (or one block against two tokens) per instruction ----
+# On a CPU with AVX-VNNI but no AVX-512, LLVM splits these into 256-bit halves.
+
+U8x64, I8x64, I32x16, F32x16 = Vec("u8", 64), Vec("i8", 64), Vec("i32", 16), Vec("f32", 16)
+_V64I8 = ir.VectorType(ir.IntType(8), 64)
+_V16I32 = ir.VectorType(ir.IntType(32), 16)
+_V16F32 = ir.VectorType(ir.FloatType(), 16)
+
+load_i8x64 = _byte_loader(I8x64, lambda b, p: _load(b, p, _V64I8))
+
+
+@intrinsic
+def dup_u8x64(typingctx, u):
+    """(u, u): one weight block against two tokens' activations."""
+    if u != U8x32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.shuffle_vector(args[0], args[0], _mask(list(range(32)) * 2))
+
+    return U8x64(u), codegen
+
+
+@intrinsic
+def i32x16_zero(typingctx):
+    return I32x16(), lambda context, builder, sig, args: ir.Constant(_V16I32, None)
+
+
+@intrinsic
+def dot_u8i8_i32x16(typingctx, acc, u, s):
+    """dot_u8i8_i32x8 on 64 bytes; only when has_vnni()."""
+    if (acc, u, s) != (I32x16, U8x64, I8x64):
+        return None
+
+    def codegen(context, builder, sig, args):
+        acc_v, u_v, s_v = args = [builder.bitcast(a, _V16I32) for a in args]
+        if cpu_features().get("avx512vnni"):
+            fnty = ir.FunctionType(_V16I32, [_V16I32] * 3)
+            name = "llvm.x86.avx512.vpdpbusd.512"
+            return builder.call(cgutils.get_or_insert_function(builder.module, fnty, name), args)
+        fnty = ir.FunctionType(_V8I32, [_V8I32] * 3)  # AVX-VNNI: two 256-bit halves
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.x86.avx512.vpdpbusd.256")
+        halves = [builder.call(fn, [builder.shuffle_vector(a, a, _mask(range(lo, lo + 8)))
+                                    for a in (acc_v, u_v, s_v)]) for lo in (0, 8)]
+        return builder.shuffle_vector(*halves, _mask(range(16)))
+
+    return I32x16(acc, u, s), codegen
+
+
+@intrinsic
+def load_f32x16(typingctx, a, i):
+    """a[i:i+16] of a float32 1-D array."""
+    if not (_is_f32_1d(a) and isinstance(i, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.load(_f32_ptr(context, builder, sig, args, 0, 1, _V16F32), align=4)
+
+    return F32x16(a, i), codegen
+
+
+@intrinsic
+def splat_f32x16(typingctx, s):
+    if not isinstance(s, types.Float):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return _splat(builder, context.cast(builder, args[0], sig.args[0], types.float32), _V16F32)
+
+    return F32x16(s), codegen
+
+
+@intrinsic
+def mul_f32x16(typingctx, a, b):
+    if (a, b) != (F32x16, F32x16):
+        return None
+    return F32x16(a, b), lambda context, builder, sig, args: builder.fmul(*args)
+
+
+@intrinsic
+def fma_i32x16_store(typingctx, out, i, v, s):
+    """out[i:i+16] += float(v) * s, s an F32x16."""
+    if not (_is_f32_1d(out) and isinstance(i, types.Integer) and (v, s) == (I32x16, F32x16)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        ptr = _f32_ptr(context, builder, sig, args, 0, 1, _V16F32)
+        products = builder.sitofp(args[2], _V16F32)
+        total = builder.call(_fma(builder, _V16F32), [products, args[3], _ld(builder, ptr)])
+        builder.store(total, ptr, align=4)
+        return context.get_dummy_value()
+
+    return types.none(out, i, v, s), codegen
