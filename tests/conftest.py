@@ -13,3 +13,10 @@ def smollm2_path():
 @pytest.fixture(scope="session")
 def gemma3_path():
     return fetch.fetch(fetch.GEMMA3_270M)
+
+
+@pytest.fixture(scope="session")
+def smollm2_q8_0_path(smollm2_path):
+    from prima_ref.derived import smollm2_q8_0
+
+    return smollm2_q8_0()
