@@ -1,0 +1,139 @@
+"""Single-device generation: prompt processing in batches, then token-by-token decode.
+
+This is what a ring's rank 0 does when it holds every layer, and the reference every ring
+configuration must reproduce token for token.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from prima_ref.gguf_file import GGUFModel
+from prima_ref.model.config import ModelConfig
+from prima_ref.model.transformer import ContextFullError, Transformer
+from prima_ref.sampling import Sampler
+from prima_ref.tokenizer import StreamDecoder, Tokenizer
+
+
+@dataclass
+class Timings:
+    load_ms: float = 0.0
+    prompt_tokens: int = 0
+    prompt_ms: float = 0.0
+    eval_tokens: int = 0
+    eval_ms: float = 0.0
+    ttft_ms: float = 0.0  # request start to first generated token
+    peak_rss_mib: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def prompt_tps(self) -> float:
+        return self.prompt_tokens / self.prompt_ms * 1e3 if self.prompt_ms else 0.0
+
+    @property
+    def eval_tps(self) -> float:
+        return self.eval_tokens / self.eval_ms * 1e3 if self.eval_ms else 0.0
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d.update(prompt_tokens_per_s=self.prompt_tps, eval_tokens_per_s=self.eval_tps)
+        return d
+
+    def print(self, stream=sys.stderr) -> None:
+        def line(label, ms, n, unit):
+            per = ms / n if n else 0.0
+            tps = n / ms * 1e3 if ms else 0.0
+            print(f"[perf] {label:>16} = {ms:10.2f} ms / {n:5d} {unit} ({per:8.2f} ms per token, "
+                  f"{tps:8.2f} tokens per second)", file=stream)
+        print(f"[perf] {'load time':>16} = {self.load_ms:10.2f} ms", file=stream)
+        line("prompt eval time", self.prompt_ms, self.prompt_tokens, "tokens")
+        line("eval time", self.eval_ms, self.eval_tokens, "runs  ")
+        print(f"[perf] {'peak RSS':>16} = {self.peak_rss_mib:10.1f} MiB", file=stream)
+
+
+def peak_rss_mib() -> float:
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return kib / 1024 if sys.platform != "darwin" else kib / 2**20
+
+
+class Engine:
+    def __init__(self, path, n_ctx: int = 4096, n_batch: int = 512):
+        t0 = time.perf_counter()
+        self.gguf = GGUFModel.open(path)
+        self.tokenizer = Tokenizer.from_metadata(self.gguf.get)
+        if n_ctx <= 0:
+            n_ctx = ModelConfig.from_gguf(self.gguf).n_ctx_train
+        self.model = Transformer(self.gguf, n_ctx)
+        self.n_ctx = self.model.n_ctx
+        self.n_batch = max(1, n_batch)
+        self.tokens: list[int] = []  # what the KV cache holds, position by position
+        self.load_ms = (time.perf_counter() - t0) * 1e3
+
+    def reuse_prefix(self, tokens: list[int]) -> int:
+        """Keep the cached positions that match the start of `tokens`; returns how many."""
+        n = 0
+        for a, b in zip(self.tokens, tokens):
+            if a != b:
+                break
+            n += 1
+        n = min(n, len(tokens) - 1)  # always evaluate at least the last token
+        del self.tokens[n:]
+        return n
+
+    def eval(self, tokens: list[int]) -> np.ndarray:
+        """Append tokens to the context in batches; logits (n_vocab,) after the last one."""
+        if len(self.tokens) + len(tokens) > self.n_ctx:
+            raise ContextFullError(
+                f"{len(self.tokens) + len(tokens)} tokens do not fit in the context of {self.n_ctx} (use -c)"
+            )
+        logits = None
+        for i in range(0, len(tokens), self.n_batch):
+            batch = tokens[i : i + self.n_batch]
+            logits = self.model.forward(batch, len(self.tokens))[-1]
+            self.tokens.extend(batch)
+        return logits
+
+    def generate(self, prompt: list[int], n_predict: int, sampler: Sampler,
+                 on_text: Callable[[str], None] | None = None,
+                 stop: Callable[[int], bool] | None = None) -> tuple[list[int], Timings]:
+        """Greedy or sampled continuation; stops at n_predict tokens (-1: until the context is
+        full), an end-of-generation token, or when stop(token) says so."""
+        timings = Timings(load_ms=self.load_ms)
+        t0 = time.perf_counter()
+        start = self.reuse_prefix(prompt)
+        for tok in prompt:
+            sampler.accept(tok)
+        logits = self.eval(prompt[start:])
+        timings.prompt_tokens = len(prompt) - start
+        timings.prompt_ms = (time.perf_counter() - t0) * 1e3
+        decoder = StreamDecoder(self.tokenizer)
+        out: list[int] = []
+        n_decode = 0  # forward passes after the prompt, llama.cpp's "runs"
+        t1 = time.perf_counter()
+        limit = n_predict if n_predict >= 0 else self.n_ctx
+        while len(out) < limit:
+            token = sampler.sample(logits)
+            if not out:
+                timings.ttft_ms = (time.perf_counter() - t0) * 1e3
+            if self.tokenizer.is_eog(token):
+                break
+            out.append(token)
+            if on_text is not None:
+                on_text(decoder.push(token))
+            if (stop is not None and stop(token)) or len(out) == limit or len(self.tokens) >= self.n_ctx:
+                break
+            logits = self.eval([token])
+            n_decode += 1
+        if on_text is not None:
+            on_text(decoder.flush())
+        timings.eval_tokens = n_decode
+        timings.extra["generated_tokens"] = len(out)
+        timings.eval_ms = (time.perf_counter() - t1) * 1e3
+        timings.peak_rss_mib = peak_rss_mib()
+        return out, timings

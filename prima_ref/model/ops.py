@@ -1,0 +1,148 @@
+"""Per-token operations of a transformer layer, as Numba kernels.
+
+Each mirrors ggml's CPU arithmetic where that decides rounding (RMS norm sums in float64, RoPE
+angles advanced by repeated float32 multiplication), so logits track llama.cpp's closely.
+Shapes: activations are (n_tokens, n_embd); heads are (n_tokens, n_head, head_dim).
+"""
+
+import math
+
+import numba as nb
+import numpy as np
+
+from prima_ref.model.config import ROPE_NEOX
+
+ATTN_TILE = 64  # KV positions per online-softmax step
+
+
+# Element-wise kernels stay serial: a parallel region costs more to start than they cost to run.
+
+
+@nb.njit(cache=True)
+def rms_norm(x, weight, eps, out):
+    """out = x / rms(x) * weight, row by row; x (n_rows, n), weight (n,)."""
+    n = x.shape[1]
+    for r in range(x.shape[0]):
+        acc = 0.0  # float64, as ggml_float
+        for i in range(n):
+            acc += np.float64(x[r, i] * x[r, i])
+        mean = np.float32(acc / n)
+        scale = np.float32(1.0) / np.sqrt(mean + np.float32(eps))
+        for i in range(n):
+            out[r, i] = (x[r, i] * scale) * weight[i]
+
+
+@nb.njit(cache=True)
+def rope_inplace(x, positions, n_rot, base, freq_scale, rope_type):
+    """Rotate the first n_rot dims of every head; x (n_tokens, n_head, head_dim)."""
+    theta_scale = np.float32(base ** (-2.0 / n_rot))
+    half = n_rot // 2
+    for t in range(x.shape[0]):
+        theta = np.float32(positions[t])
+        for i in range(half):
+            angle = np.float32(freq_scale) * theta
+            c, s = np.float32(math.cos(angle)), np.float32(math.sin(angle))
+            if rope_type == ROPE_NEOX:
+                a, b = i, i + half
+            else:
+                a, b = 2 * i, 2 * i + 1
+            for h in range(x.shape[1]):
+                x0, x1 = x[t, h, a], x[t, h, b]
+                x[t, h, a] = x0 * c - x1 * s
+                x[t, h, b] = x0 * s + x1 * c
+            theta = theta * theta_scale
+
+
+@nb.njit(cache=True, parallel=True)
+def attention(q, k_cache, v_cache, positions, window, scale, softcap, out):
+    """Causal attention with an online softmax over KV tiles (never the full score matrix).
+
+    q (n_tokens, n_head, d); k_cache, v_cache (n_ctx, n_head_kv, d), slot p holds position p;
+    positions (n_tokens,); window > 0 keeps only keys with pos - key_pos < window;
+    softcap > 0 applies softcap * tanh(score / softcap). Grouped-query: head h reads kv head
+    h // (n_head / n_head_kv).
+    """
+    n_tok, n_head, d = q.shape
+    group = n_head // k_cache.shape[1]
+    for job in nb.prange(n_tok * n_head):
+        t, h = job // n_head, job % n_head
+        kv = h // group
+        pos = positions[t]
+        first = 0 if window <= 0 else max(0, pos - window + 1)
+        # float64 accumulators: summing hundreds of terms in float32 order would lose to the
+        # pairwise sums of a BLAS-backed naive implementation
+        acc = np.zeros(d, dtype=np.float64)
+        scores = np.empty(ATTN_TILE, dtype=np.float64)
+        run_max, run_sum = -np.inf, 0.0
+        for start in range(first, pos + 1, ATTN_TILE):
+            stop = min(start + ATTN_TILE, pos + 1)
+            tile_max = -np.inf
+            for j in range(start, stop):
+                s = 0.0
+                for i in range(d):
+                    s += np.float64(q[t, h, i]) * np.float64(k_cache[j, kv, i])
+                s *= scale
+                if softcap > 0:
+                    s = softcap * np.tanh(s / softcap)
+                scores[j - start] = s
+                tile_max = max(tile_max, s)
+            new_max = max(run_max, tile_max)
+            correction = np.exp(run_max - new_max)
+            run_sum *= correction
+            for i in range(d):
+                acc[i] *= correction
+            for j in range(start, stop):
+                p = np.exp(scores[j - start] - new_max)
+                run_sum += p
+                for i in range(d):
+                    acc[i] += p * np.float64(v_cache[j, kv, i])
+            run_max = new_max
+        for i in range(d):
+            out[t, h, i] = np.float32(acc[i] / run_sum)
+
+
+def attention_naive(q, k_cache, v_cache, positions, window, scale, softcap, dtype=np.float32):
+    """softmax(QK^T)V with the full score matrix, in numpy; the reference for tests."""
+    q, k, v = (a.astype(dtype) for a in (q, k_cache, v_cache))
+    n_tok, n_head, d = q.shape
+    group = n_head // k.shape[1]
+    out = np.zeros((n_tok, n_head, d), dtype=dtype)
+    for t in range(n_tok):
+        pos = int(positions[t])
+        lo = 0 if window <= 0 else max(0, pos - window + 1)
+        for h in range(n_head):
+            s = (k[lo : pos + 1, h // group, :] @ q[t, h]) * dtype(scale)
+            if softcap > 0:
+                s = dtype(softcap) * np.tanh(s / dtype(softcap))
+            p = np.exp(s - s.max())
+            out[t, h] = (p / p.sum()) @ v[lo : pos + 1, h // group, :]
+    return out
+
+
+@nb.njit(cache=True)
+def silu_mul(gate, up):
+    """gate <- silu(gate) * up, in place; (n_tokens, n_ff)."""
+    for t in range(gate.shape[0]):
+        for i in range(gate.shape[1]):
+            g = gate[t, i]
+            gate[t, i] = g / (np.float32(1.0) + np.exp(-g)) * up[t, i]
+
+
+def _gelu_f32(x):
+    c = np.float32(math.sqrt(2.0 / math.pi))
+    x = x.astype(np.float32)
+    with np.errstate(invalid="ignore", over="ignore"):  # the table's inf/nan entries
+        inner = c * x * (np.float32(1.0) + np.float32(0.044715) * x * x)
+        return np.float32(0.5) * x * (np.float32(1.0) + np.tanh(inner))
+
+
+# ggml's CPU GELU reads a table indexed by the input rounded to f16 (GGML_GELU_FP16).
+_GELU_TABLE_F16 = _gelu_f32(np.arange(1 << 16, dtype=np.uint16).view(np.float16)).astype(np.float16)
+
+
+def gelu_mul(gate, up):
+    """gate <- gelu(gate) * up, in place, with ggml's f16 table and its +-10 clamps."""
+    idx = gate.astype(np.float16).view(np.uint16)
+    g = _GELU_TABLE_F16[idx].astype(np.float32)
+    g = np.where(gate <= -10.0, np.float32(0.0), np.where(gate >= 10.0, gate, g))
+    np.multiply(g, up, out=gate)

@@ -1,0 +1,222 @@
+"""The transformer forward, split into the steps a ring rank runs: embed, a range of layers,
+and the output head. Weights stay zero-copy views of the mapped GGUF file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+
+from prima_ref.model import ops
+from prima_ref.model.config import ModelConfig
+from prima_ref.quants import QuantKernels, kernels
+
+
+@dataclass(frozen=True)
+class Weight:
+    name: str
+    kern: QuantKernels
+    rows: np.ndarray  # (n_out, row_bytes) uint8 view of the file
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        """x (n_tokens, n_in) -> (n_tokens, n_out)."""
+        if x.shape[0] == 1:
+            return self.kern.matvec(self.rows, x[0])[None, :]
+        return self.kern.matmul(self.rows, x)
+
+
+class MissingTensorError(ValueError):
+    pass
+
+
+def _weight(model, name: str, shape: tuple[int, int] | None = None) -> Weight:
+    """A matrix; shape is (n_out, n_in) as the config implies, checked against the file."""
+    info = model.tensors[name]
+    if shape is not None and (info.n_rows, info.n_cols) != shape:
+        raise MissingTensorError(f"{name} has shape {(info.n_rows, info.n_cols)}, the model's "
+                                 f"hyper-parameters imply {shape}")
+    return Weight(name, kernels(info.qtype), model.tensor_rows(name))
+
+
+def _vector(model, name: str) -> np.ndarray:
+    """A small 1-D tensor (norm weight, bias) as float32."""
+    return kernels(model.tensors[name].qtype).dequantize(model.tensor_rows(name)).reshape(-1)
+
+
+class Layer:
+    """One block's weights: attention and feed-forward, plus the optional extras per arch."""
+
+    def __init__(self, model, cfg: ModelConfig, il: int):
+        p = f"blk.{il}."
+        need = ["attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm",
+                "ffn_gate", "ffn_up", "ffn_down"]
+        if cfg.qk_norm:
+            need += ["attn_q_norm", "attn_k_norm"]
+        if cfg.post_norms:
+            need += ["post_attention_norm", "post_ffw_norm"]
+        missing = [n for n in need if p + n + ".weight" not in model.tensors]
+        if missing:
+            raise MissingTensorError(f"{cfg.arch} layer {il} lacks tensors: {', '.join(missing)}")
+        self.attn_norm = _vector(model, p + "attn_norm.weight")
+        self.ffn_norm = _vector(model, p + "ffn_norm.weight")
+        q_dim, kv_dim, e, f = cfg.n_head * cfg.head_dim, cfg.n_head_kv * cfg.head_dim, cfg.n_embd, cfg.n_ff
+        self.wq = _weight(model, p + "attn_q.weight", (q_dim, e))
+        self.wk = _weight(model, p + "attn_k.weight", (kv_dim, e))
+        self.wv = _weight(model, p + "attn_v.weight", (kv_dim, e))
+        self.wo = _weight(model, p + "attn_output.weight", (e, q_dim))
+        self.w_gate = _weight(model, p + "ffn_gate.weight", (f, e))
+        self.w_up = _weight(model, p + "ffn_up.weight", (f, e))
+        self.w_down = _weight(model, p + "ffn_down.weight", (e, f))
+        bias = lambda n: _vector(model, p + n + ".bias") if p + n + ".bias" in model.tensors else None  # noqa: E731
+        self.bq, self.bk, self.bv = bias("attn_q"), bias("attn_k"), bias("attn_v")
+        self.q_norm = _vector(model, p + "attn_q_norm.weight") if cfg.qk_norm else None
+        self.k_norm = _vector(model, p + "attn_k_norm.weight") if cfg.qk_norm else None
+        self.post_attn_norm = _vector(model, p + "post_attention_norm.weight") if cfg.post_norms else None
+        self.post_ffn_norm = _vector(model, p + "post_ffw_norm.weight") if cfg.post_norms else None
+
+
+class KVCache:
+    """Keys and values of one layer, slot p holding position p. Values are rounded to f16
+    precision on the way in, as llama.cpp stores its cache in f16."""
+
+    def __init__(self, n_ctx: int, n_head_kv: int, head_dim: int, f16: bool = True):
+        self.k = np.zeros((n_ctx, n_head_kv, head_dim), dtype=np.float32)
+        self.v = np.zeros((n_ctx, n_head_kv, head_dim), dtype=np.float32)
+        self.f16 = f16
+
+    def store(self, positions: np.ndarray, k: np.ndarray, v: np.ndarray) -> None:
+        if self.f16:
+            k = k.astype(np.float16).astype(np.float32)
+            v = v.astype(np.float16).astype(np.float32)
+        self.k[positions] = k
+        self.v[positions] = v
+
+
+class ContextFullError(ValueError):
+    pass
+
+
+def _layer_set(layers: Iterable[int], n_layer: int) -> range | tuple[int, ...]:
+    if isinstance(layers, range):
+        ids = layers
+    else:
+        ids = tuple(sorted(set(int(il) for il in layers)))
+    bad = [il for il in ids if not 0 <= il < n_layer]
+    if bad:
+        raise ValueError(f"layer ids {bad} are outside the model's 0..{n_layer - 1}")
+    return ids
+
+
+class Transformer:
+    """Holds the weights of some layers (plus embedding/head when asked) and their KV.
+
+    `layers` is any set of layer ids: a range, or the disjoint windows a ring rank holds when a
+    token goes round the ring k times (e.g. [0, 1, 2, 10, 11, 12])."""
+
+    def __init__(self, model, n_ctx: int, layers: Iterable[int] | None = None, head: bool = True,
+                 kv_f16: bool = True):
+        self.cfg = cfg = ModelConfig.from_gguf(model)
+        self.n_ctx = n_ctx
+        self.layer_ids = range(cfg.n_layer) if layers is None else _layer_set(layers, cfg.n_layer)
+        self.layers = {il: Layer(model, cfg, il) for il in self.layer_ids}
+        self.kv = {il: KVCache(n_ctx, cfg.n_head_kv, cfg.head_dim, kv_f16) for il in self.layer_ids}
+        if head:
+            self.tok_embd = _weight(model, "token_embd.weight")
+            self.output_norm = _vector(model, "output_norm.weight")
+            out_name = "token_embd.weight" if cfg.tied_output else "output.weight"
+            self.output = _weight(model, out_name)
+
+    # -- input ---------------------------------------------------------------------------------
+
+    def embed(self, tokens) -> np.ndarray:
+        tokens = np.asarray(tokens, dtype=np.int64)
+        if tokens.size and (tokens.min() < 0 or tokens.max() >= self.tok_embd.rows.shape[0]):
+            raise ValueError(f"token id out of range 0..{self.tok_embd.rows.shape[0] - 1}")
+        x = self.tok_embd.kern.dequantize(self.tok_embd.rows[tokens])  # (n_tokens, n_embd)
+        if self.cfg.embed_scale != 1.0:
+            x *= np.float32(self.cfg.embed_scale)
+        return x
+
+    # -- layers --------------------------------------------------------------------------------
+
+    def forward_layers(self, x: np.ndarray, positions: np.ndarray, first: int, last: int) -> np.ndarray:
+        """Run layers first..last-1 on x (n_tokens, n_embd) at the given positions."""
+        positions = np.asarray(positions, dtype=np.int64)
+        if positions.max() >= self.n_ctx:
+            raise ContextFullError(f"position {positions.max()} is past the context size {self.n_ctx}")
+        missing = [il for il in range(first, last) if il not in self.layers]
+        if missing:
+            raise ValueError(f"layers {missing} are not held here (held: {list(self.layer_ids)})")
+        for il in range(first, last):
+            x = self._layer(il, x, positions)
+        return x
+
+    def kv_remove(self, p0: int = 0, p1: int | None = None) -> None:
+        """Forget cached positions [p0, p1) of every held layer (None: to the end)."""
+        for cache in self.kv.values():
+            cache.k[p0:p1] = 0.0
+            cache.v[p0:p1] = 0.0
+
+    def _norm(self, x, weight):
+        out = np.empty_like(x)
+        ops.rms_norm(x, weight, np.float32(self.cfg.norm_eps), out)
+        return out
+
+    def _layer(self, il: int, x: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        cfg, w = self.cfg, self.layers[il]
+        n_tok = x.shape[0]
+        h = self._norm(x, w.attn_norm)
+        q, k, v = w.wq(h), w.wk(h), w.wv(h)
+        if w.bq is not None:
+            q += w.bq
+            k += w.bk
+            v += w.bv
+        q = q.reshape(n_tok, cfg.n_head, cfg.head_dim)  # (n_tokens, n_head, head_dim)
+        k = k.reshape(n_tok, cfg.n_head_kv, cfg.head_dim)
+        v = v.reshape(n_tok, cfg.n_head_kv, cfg.head_dim)
+        if cfg.qk_norm:
+            q = self._norm(q.reshape(-1, cfg.head_dim), w.q_norm).reshape(q.shape)
+            k = self._norm(k.reshape(-1, cfg.head_dim), w.k_norm).reshape(k.shape)
+        base, scale = cfg.layer_rope(il)
+        ops.rope_inplace(q, positions, cfg.n_rot, base, scale, cfg.rope_type)
+        ops.rope_inplace(k, positions, cfg.n_rot, base, scale, cfg.rope_type)
+        cache = self.kv[il]
+        cache.store(positions, k, v)
+        att = np.empty_like(q)
+        window = cfg.n_swa if cfg.is_swa(il) else 0
+        ops.attention(q, cache.k, cache.v, positions, window, np.float32(cfg.attn_scale),
+                      np.float32(cfg.attn_softcap), att)
+        out = w.wo(att.reshape(n_tok, -1))
+        if cfg.post_norms:
+            out = self._norm(out, w.post_attn_norm)
+        x = x + out
+        h = self._norm(x, w.ffn_norm)
+        gate, up = w.w_gate(h), w.w_up(h)
+        if cfg.ffn_act == "gelu":
+            ops.gelu_mul(gate, up)
+        else:
+            ops.silu_mul(gate, up)
+        out = w.w_down(gate)
+        if cfg.post_norms:
+            out = self._norm(out, w.post_ffn_norm)
+        return x + out
+
+    # -- output --------------------------------------------------------------------------------
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        """x (n_tokens, n_embd) -> logits (n_tokens, n_vocab)."""
+        h = self._norm(x, self.output_norm)
+        out = self.output(h)
+        if self.cfg.final_softcap > 0:
+            c = np.float32(self.cfg.final_softcap)
+            out = c * np.tanh(out / c)
+        return out
+
+    def forward(self, tokens, start_pos: int, all_logits: bool = False) -> np.ndarray:
+        """Whole-model step on one device: logits of the last token (or of all tokens)."""
+        tokens = np.asarray(tokens, dtype=np.int64)
+        positions = np.arange(start_pos, start_pos + tokens.size, dtype=np.int64)
+        x = self.forward_layers(self.embed(tokens), positions, 0, self.cfg.n_layer)
+        return self.logits(x if all_logits else x[-1:])

@@ -1,0 +1,79 @@
+"""Token sampling with llama.cpp's default chain:
+repetition penalty -> top-k -> top-p -> min-p -> temperature -> draw. Greedy when temp <= 0.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.8  # llama.cpp's default
+    top_k: int = 40  # 0 = off
+    top_p: float = 0.95  # 1.0 = off
+    min_p: float = 0.05  # 0.0 = off
+    repeat_penalty: float = 1.0  # 1.0 = off
+    repeat_last_n: int = 64
+    seed: int | None = None  # None = a random seed
+
+    def __post_init__(self):
+        if self.top_k < 0 or not 0.0 < self.top_p <= 1.0 or not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"invalid sampling parameters: top_k={self.top_k} top_p={self.top_p} min_p={self.min_p}")
+        if self.repeat_penalty <= 0:
+            raise ValueError(f"repeat_penalty must be > 0, got {self.repeat_penalty}")
+
+
+class Sampler:
+    def __init__(self, params: SamplingParams = SamplingParams()):
+        self.params = params
+        self.rng = np.random.default_rng(params.seed)
+        self.recent: deque[int] = deque(maxlen=max(params.repeat_last_n, 0) or None)
+
+    def accept(self, token: int) -> None:
+        """Record a token (prompt or generated) for the repetition penalty."""
+        if self.params.repeat_last_n > 0:
+            self.recent.append(int(token))
+
+    def probs(self, logits: np.ndarray) -> np.ndarray:
+        """Final distribution over the vocabulary after the whole chain (float64)."""
+        p = self.params
+        z = np.asarray(logits, dtype=np.float64).copy()
+        if p.repeat_penalty != 1.0 and self.recent:
+            ids = np.fromiter(set(self.recent), dtype=np.int64)
+            z[ids] = np.where(z[ids] > 0, z[ids] / p.repeat_penalty, z[ids] * p.repeat_penalty)
+        if p.temperature <= 0:
+            out = np.zeros_like(z)
+            out[int(np.argmax(z))] = 1.0
+            return out
+        keep = np.argsort(-z, kind="stable")
+        if p.top_k > 0:
+            keep = keep[: p.top_k]
+        probs = _softmax(z[keep])
+        if p.top_p < 1.0:
+            cut = int(np.searchsorted(np.cumsum(probs), p.top_p)) + 1
+            keep, probs = keep[:cut], probs[:cut]
+        if p.min_p > 0.0:
+            mask = probs >= p.min_p * probs[0]
+            keep, probs = keep[mask], probs[mask]
+        probs = _softmax(z[keep] / p.temperature)
+        out = np.zeros_like(z)
+        out[keep] = probs
+        return out
+
+    def sample(self, logits: np.ndarray) -> int:
+        if self.params.temperature <= 0 and self.params.repeat_penalty == 1.0:
+            token = int(np.argmax(logits))
+        else:
+            probs = self.probs(logits)
+            token = int(self.rng.choice(probs.size, p=probs))
+        self.accept(token)
+        return token
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max())
+    return e / e.sum()
