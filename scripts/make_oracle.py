@@ -13,8 +13,14 @@ and pretokenizers.json: the same corpus tokenized after changing one tokenizer k
 vocabulary (tokenizer.ggml.pre for SmolLM2's BPE vocabulary, add_space_prefix for Gemma's), so
 every pre-tokenizer is checked against llama.cpp with real merges.
 
+and <name>.json for each synthetic model of prima_ref.derived.SYNTHETIC_SPECS (random weights,
+SmolLM2's tokenizer cut to 4096 tokens), with a "synthetic" key saying how to get its file:
+those with K-quant/IQ tensors are (re)written to tests/data/models/<name>.gguf with llama.cpp's
+quantizer and committed; the others are rebuilt at test time by make_synthetic (gguf alone)
+and must match the recorded sha256.
+
     python scripts/make_synthetic.py      # SmolLM2 Q8_0, needed for its oracle
-    python scripts/make_oracle.py [--out tests/data/oracle]
+    python scripts/make_oracle.py [--out tests/data/oracle] [--models all|real|synthetic]
 """
 
 from __future__ import annotations
@@ -36,7 +42,15 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 from prima_ref import chat, fetch  # noqa: E402
-from prima_ref.derived import SMOLLM2_Q8_0_NAME, copy_metadata  # noqa: E402
+from prima_ref.derived import (  # noqa: E402
+    GGUF_QUANTIZABLE,
+    SMOLLM2_Q8_0_NAME,
+    SYNTHETIC_SPECS,
+    SyntheticSpec,
+    copy_metadata,
+    gguf_quantize,
+    make_synthetic,
+)
 from prima_ref.gguf_file import GGUFModel  # noqa: E402
 
 N_CTX = 256  # longest sequence here is ~100 tokens
@@ -257,6 +271,44 @@ def generation_case(llm: llama_cpp.Llama, prompt_ids: list[int]) -> dict:
             "top5_batched": batched_top, "top5_decode_after_greedy": decode_top[:-1]}
 
 
+# --- llama.cpp's quantizer (types gguf lacks) --------------------------------------------------
+
+
+def _ggml_base() -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-base.so"))
+    lib.ggml_quantize_init.argtypes = [ctypes.c_int]
+    lib.ggml_quantize_requires_imatrix.argtypes = [ctypes.c_int]
+    lib.ggml_quantize_requires_imatrix.restype = ctypes.c_bool
+    lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+                                        ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                                        ctypes.c_void_p]
+    lib.ggml_quantize_chunk.restype = ctypes.c_size_t
+    return lib
+
+
+def llama_quantize(floats: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
+    """(rows, n_per_row) float32 -> (rows, row_bytes) uint8 as llama-quantize writes them
+    without an imatrix; the types that need one (IQ1_S, IQ1_M) get an all-ones matrix."""
+    if qtype.name in GGUF_QUANTIZABLE:
+        return gguf_quantize(floats, qtype)
+    lib = _ggml_base()
+    src = np.ascontiguousarray(floats, dtype=np.float32)
+    n_rows, n_per_row = src.shape
+    block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    if n_per_row % block:
+        raise ValueError(f"{qtype.name} needs rows of a multiple of {block}, not {n_per_row}")
+    dst = np.zeros((n_rows, n_per_row // block * type_size), dtype=np.uint8)
+    imatrix = None
+    if lib.ggml_quantize_requires_imatrix(int(qtype)):
+        imatrix = np.ones(n_per_row, dtype=np.float32)
+    lib.ggml_quantize_init(int(qtype))
+    n = lib.ggml_quantize_chunk(int(qtype), src.ctypes.data, dst.ctypes.data, 0, n_rows,
+                                n_per_row, None if imatrix is None else imatrix.ctypes.data)
+    if n != dst.nbytes:
+        raise RuntimeError(f"ggml_quantize_chunk wrote {n} bytes, expected {dst.nbytes}")
+    return dst
+
+
 # --- metadata-edited vocabulary files ---------------------------------------------------------
 
 
@@ -345,6 +397,27 @@ def pre_variants(paths: dict[str, Path], texts: list[str]) -> dict:
     return out
 
 
+def synthetic_oracle(spec: SyntheticSpec, models_dir: Path, tmp: Path, texts: list[str]) -> dict:
+    committed = spec.needs_llama_cpp()
+    path = (models_dir if committed else tmp) / f"{spec.name}.gguf"
+    src = fetch.fetch(fetch.SMOLLM2_Q4_1)
+    make_synthetic(path, spec, src, quantize=llama_quantize if committed else gguf_quantize)
+    result = model_oracle(path, "llama", texts)
+    result["synthetic"] = {
+        "spec": spec.to_json(),
+        "file": (str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else path.name)
+                if committed else None,
+        "rebuild": None if committed else
+            "prima_ref.derived.make_synthetic(path, SyntheticSpec.from_json(spec), "
+            "tokenizer_src=SmolLM2 Q4_1 or any synthetic file)",
+        "tokenizer_src": src.name,
+        "quantizer": "llama.cpp ggml_quantize_chunk, no imatrix (all-ones for IQ1_S/IQ1_M)"
+                     if committed else "gguf.quants.quantize",
+        "size_bytes": path.stat().st_size,
+    }
+    return result
+
+
 def write_json(obj: dict, path: Path) -> None:
     # ASCII escapes: llama.cpp may return invalid UTF-8, kept as lone surrogates
     path.write_text(json.dumps(obj, separators=(",", ":")) + "\n", encoding="ascii")
@@ -354,15 +427,27 @@ def write_json(obj: dict, path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(ROOT / "tests" / "data" / "oracle"))
+    parser.add_argument("--models-dir", default=str(ROOT / "tests" / "data" / "models"),
+                        help="where the committed synthetic models are written")
+    parser.add_argument("--models", choices=("all", "real", "synthetic"), default="all")
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    texts = CORPUS + fuzz_texts(N_FUZZ, FUZZ_SEED)
+    if args.models in ("all", "synthetic"):
+        models_dir = Path(args.models_dir)
+        models_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            for spec in SYNTHETIC_SPECS.values():
+                write_json(synthetic_oracle(spec, models_dir, Path(tmp), texts),
+                           out / f"{spec.name}.json")
+    if args.models == "synthetic":
+        return 0
     q8 = fetch.cache_dir() / SMOLLM2_Q8_0_NAME
     if not q8.exists():
         raise SystemExit(f"{q8} is missing. HINT: run python scripts/make_synthetic.py first")
     paths = {"smollm2": fetch.fetch(fetch.SMOLLM2_Q4_1), "smollm2_q8_0": q8,
              "gemma3": fetch.fetch(fetch.GEMMA3_270M)}
-    texts = CORPUS + fuzz_texts(N_FUZZ, FUZZ_SEED)
     for key, arch, fname in (("smollm2", "llama", "smollm2-135m-q4_1.json"),
                              ("smollm2_q8_0", "llama", "smollm2-135m-q8_0.json"),
                              ("gemma3", "gemma3", "gemma3-270m-q4_k_m.json")):
