@@ -2,12 +2,19 @@
 
     prima-cli -m model.gguf -p "Once upon a time" -n 64
     prima-cli -cnv                      # chat with the default model
+
+As one device of a ring (prima.cpp's flags, or a plan file from prima-plan):
+
+    prima-cli -m model.gguf --plan plan.json --rank 1                 # a worker
+    prima-cli -m model.gguf --plan plan.json --rank 0 -p "Hi" -n 32   # rank 0: prompt, sampling
+    prima-cli -m m.gguf --world 3 --rank 0 --next 192.168.1.3 -lw "10,10,10" -p "Hi"
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -16,7 +23,7 @@ from prima_ref import __version__
 # Defaults, as llama.cpp's common.h sets them unless noted.
 DEFAULTS = dict(
     n_predict=-1,  # until end of generation or a full context
-    ctx_size=4096,
+    ctx_size=4096,  # a plan file's ctx wins unless -c is given
     batch_size=512,  # prompt tokens per forward pass
     temp=0.8,
     top_k=40,
@@ -34,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-p", "--prompt", default=None)
     p.add_argument("-f", "--file", help="read the prompt from a file")
     p.add_argument("-n", "--n-predict", type=int, default=DEFAULTS["n_predict"])
-    p.add_argument("-c", "--ctx-size", type=int, default=DEFAULTS["ctx_size"], help="0: the model's")
+    p.add_argument("-c", "--ctx-size", type=int, default=None,
+                   help=f"0: the model's (default {DEFAULTS['ctx_size']}, or the plan's)")
     p.add_argument("-b", "--batch-size", type=int, default=DEFAULTS["batch_size"])
     p.add_argument("-t", "--threads", type=int, default=None, help="default: all cores")
     p.add_argument("-s", "--seed", type=int, default=DEFAULTS["seed"])
@@ -48,8 +56,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-sys", "--system-prompt", default=None, help="system message in chat mode")
     p.add_argument("--no-display-prompt", action="store_true")
     p.add_argument("--stats-json", help="write timings and peak RSS to this JSON file")
+    p.add_argument("--dump-logits", metavar="NPZ", help="save the prompt, tokens and the logits "
+                   "before each sampled token (for comparing runs)")
     p.add_argument("--version", action="version", version=_version_string())
+    _ring_flags(p.add_argument_group("ring (prima.cpp's distributed flags)"))
     return p
+
+
+def _ring_flags(g) -> None:
+    from prima_ref.ring.topology import DATA_PORT_BASE, SIGNAL_PORT_BASE
+
+    g.add_argument("--plan", help="plan file from prima-plan: hosts, ports and layers of every rank")
+    g.add_argument("-w", "--world", "--world-size", type=int, default=1, help="number of devices")
+    g.add_argument("-r", "--rank", "--my-rank", type=int, default=0, help="this device's rank (0: head)")
+    g.add_argument("-mip", "--master", "--master-ip", default="127.0.0.1", help="rank 0's address")
+    g.add_argument("-nip", "--next", "--next-node-ip", default="127.0.0.1", help="the next rank's address")
+    g.add_argument("-lw", "--layer-window", "--n-layer-window", help='windows in rank order, rank 0 '
+                   'only, e.g. "10,10,10"; k = layers / sum (default: an even split, k=1)')
+    g.add_argument("-ngl", "--gpu-layers", type=int, default=0, help="GPU layers per window (no GPU "
+                   "backend yet: ignored)")
+    g.add_argument("--data-port", type=int, default=DATA_PORT_BASE, help="base; the port is base + rank")
+    g.add_argument("--signal-port", type=int, default=SIGNAL_PORT_BASE, help="base; the port is base + rank")
+    g.add_argument("--prefetch", action="store_true", help="madvise(WILLNEED) the next window after each")
+    g.add_argument("--force", action="store_true", help="with --prefetch: touch the pages in a thread")
+    g.add_argument("--release", nargs="?", const="auto", choices=["auto", "always"], default=None,
+                   help="drop a finished window from memory (auto: when this rank's share exceeds "
+                   "its free memory)")
+    g.add_argument("--ring-timeout", type=float, default=60.0, help="seconds the ring may take to form")
+    g.add_argument("--heartbeat-timeout", type=float, default=2.0,
+                   help="seconds of silence after which a rank counts as dead")
 
 
 def _version_string() -> str:
@@ -86,6 +121,77 @@ def _emit(text: str) -> None:
     sys.stdout.flush()
 
 
+def ring_options(args, path: Path):
+    """RingOptions for this rank, or None when this device runs the model alone."""
+    from prima_ref.ring.topology import (
+        Layout,
+        RingOptions,
+        endpoints_from_flags,
+        load_plan,
+        model_sha256,
+        parse_window_sizes,
+    )
+
+    layout, sha = None, None
+    if args.plan:
+        plan = load_plan(args.plan)
+        if plan.layout.world == 1:
+            return None
+        ep, layout, sha = plan.endpoints(args.rank), plan.layout, plan.sha256
+        if args.ctx_size is None and plan.ctx:
+            args.ctx_size = plan.ctx
+        if ep.rank == 0 and sha and model_sha256(path) != sha:
+            raise SystemExit(f"prima-cli: refusing to run: {path.name} is not the model the plan "
+                             f"names (sha256 {sha[:16]}...); copy that file here or re-plan")
+    elif args.world > 1:
+        ep = endpoints_from_flags(args.rank, args.world, args.master, args.next, args.data_port,
+                                  args.signal_port)
+        if args.rank == 0:
+            layout = Layout.from_window_sizes(_window_sizes(args, path, parse_window_sizes),
+                                              _n_layers(path))
+    else:
+        return None
+    if args.gpu_layers:
+        print("[ring] -ngl ignored: this build has no GPU backend", file=sys.stderr)
+    return RingOptions(ep, layout, sha, prefetch=args.prefetch, force=args.force,
+                       release=args.release, join_timeout_s=args.ring_timeout,
+                       heartbeat_timeout_s=args.heartbeat_timeout, stats_json=args.stats_json)
+
+
+def _n_layers(path: Path) -> int:
+    from prima_ref.gguf_file import GGUFModel
+    from prima_ref.model.config import ModelConfig
+
+    with GGUFModel.open(path) as g:
+        return ModelConfig.from_gguf(g).n_layer
+
+
+def _window_sizes(args, path, parse) -> list[int]:
+    if args.layer_window:
+        sizes = parse(args.layer_window)
+        if len(sizes) != args.world:
+            raise SystemExit(f'prima-cli: -lw "{args.layer_window}" gives {len(sizes)} windows for '
+                             f"--world {args.world}")
+        return sizes
+    n = _n_layers(path)
+    return [n // args.world + (1 if r < n % args.world else 0) for r in range(args.world)]
+
+
+def _dump_logits(engine, args):
+    """on_logits callback and a finisher writing the npz, or (None, no-op) without --dump-logits."""
+    if not args.dump_logits:
+        return None, lambda ids, out: None
+    import numpy as np
+
+    rows = []
+
+    def finish(ids, out):
+        np.savez(args.dump_logits, prompt=np.asarray(ids, dtype=np.int64),
+                 tokens=np.asarray(out, dtype=np.int64),
+                 logits=np.stack(rows) if rows else np.zeros((0, 0), np.float32))
+    return (lambda logits: rows.append(np.array(logits, dtype=np.float32))), finish
+
+
 def run_prompt(engine, args) -> int:
     from prima_ref.sampling import Sampler
 
@@ -99,7 +205,10 @@ def run_prompt(engine, args) -> int:
         raise SystemExit("prima-cli: the prompt is empty and the model adds no BOS token; give -p")
     if not args.no_display_prompt:
         _emit(prompt)
-    _, timings = engine.generate(ids, args.n_predict, Sampler(_sampling(args)), on_text=_emit)
+    on_logits, dump = _dump_logits(engine, args)
+    out, timings = engine.generate(ids, args.n_predict, Sampler(_sampling(args)), on_text=_emit,
+                                   on_logits=on_logits)
+    dump(ids, out)
     _emit("\n")
     return _finish(timings, args)
 
@@ -141,22 +250,55 @@ def _finish(timings, args) -> int:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.plan or args.world > 1:
+        # Ranks sharing a host take turns computing; OpenMP threads that spin while idle (the
+        # default) steal the cores of the rank whose turn it is: 30x slower decode measured on
+        # 2 cores. Must be set before numba starts its OpenMP pool.
+        os.environ.setdefault("GOMP_SPINCOUNT", "0")
     from prima_ref.quants import set_num_threads
 
     if args.threads:
         set_num_threads(args.threads)
     from prima_ref.engine import Engine
     from prima_ref.gguf_file import GGUFFormatError
+    from prima_ref.ring.head import RingError
+    from prima_ref.ring.topology import RingSetupError
 
     path = _model_path(args)
     try:
-        engine = Engine(path, n_ctx=args.ctx_size, n_batch=args.batch_size)
+        ring = ring_options(args, path)
+    except RingSetupError as err:
+        print(f"prima-cli: {err}", file=sys.stderr)
+        return 2
+    if args.ctx_size is None:
+        args.ctx_size = DEFAULTS["ctx_size"]
+    if ring is not None and ring.endpoints.rank != 0:
+        from prima_ref.ring.worker import serve
+
+        try:
+            return serve(ring, path)
+        except KeyboardInterrupt:
+            return 130
+    try:
+        engine = Engine(path, n_ctx=args.ctx_size, n_batch=args.batch_size, ring=ring)
+    except RingError as err:
+        print(f"prima-cli: the ring did not form: {err}", file=sys.stderr)
+        return 3
     except (GGUFFormatError, ValueError) as err:
         print(f"prima-cli: cannot load {path}: {err}", file=sys.stderr)
         return 1
     print(f"[load] {path.name}: {engine.model.cfg.arch}, {engine.model.cfg.n_layer} layers, "
           f"ctx {engine.n_ctx}, {engine.load_ms:.0f} ms", file=sys.stderr)
-    return run_chat(engine, args) if args.conversation else run_prompt(engine, args)
+    try:
+        return run_chat(engine, args) if args.conversation else run_prompt(engine, args)
+    except RingError as err:
+        print(f"\nprima-cli: request failed: {err}", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt:
+        print("\nprima-cli: interrupted; stopping every rank", file=sys.stderr)
+        return 130
+    finally:
+        engine.close()
 
 
 if __name__ == "__main__":

@@ -63,17 +63,37 @@ def peak_rss_mib() -> float:
 
 
 class Engine:
-    def __init__(self, path, n_ctx: int = 4096, n_batch: int = 512):
+    """One device holding every layer, or rank 0 of a ring (`ring` given): then it holds the
+    embedding, the output head and its own windows, and each forward goes round the ring."""
+
+    def __init__(self, path, n_ctx: int = 4096, n_batch: int = 512, ring=None):
         t0 = time.perf_counter()
         self.gguf = GGUFModel.open(path)
         self.tokenizer = Tokenizer.from_metadata(self.gguf.get)
         if n_ctx <= 0:
             n_ctx = ModelConfig.from_gguf(self.gguf).n_ctx_train
-        self.model = Transformer(self.gguf, n_ctx)
-        self.n_ctx = self.model.n_ctx
         self.n_batch = max(1, n_batch)
+        self.ring = None
+        if ring is None:
+            self.model = Transformer(self.gguf, n_ctx)
+            self._forward = self.model.forward
+        else:
+            from prima_ref.ring.head import Head
+            from prima_ref.ring.topology import model_sha256
+
+            self.model = Transformer(self.gguf, n_ctx, layers=ring.layout.layers_of(0), head=True)
+            self.ring = Head(ring, self.gguf, self.model, n_batch=self.n_batch,
+                             sha256=ring.sha256 or model_sha256(path))
+            self._forward = self.ring.forward
+        self.n_ctx = self.model.n_ctx
         self.tokens: list[int] = []  # what the KV cache holds, position by position
         self.load_ms = (time.perf_counter() - t0) * 1e3
+
+    def close(self) -> None:
+        """Stop the ring (every rank leaves); a single device has nothing to stop."""
+        if self.ring is not None:
+            self.ring.close()
+            self.ring = None
 
     def reuse_prefix(self, tokens: list[int]) -> int:
         """Keep the cached positions that match the start of `tokens`; returns how many."""
@@ -83,6 +103,8 @@ class Engine:
                 break
             n += 1
         n = min(n, len(tokens) - 1)  # always evaluate at least the last token
+        if self.ring is not None and n < len(self.tokens):
+            self.ring.kv_remove(n)  # every rank forgets the positions that will be rewritten
         del self.tokens[n:]
         return n
 
@@ -95,17 +117,21 @@ class Engine:
         logits = None
         for i in range(0, len(tokens), self.n_batch):
             batch = tokens[i : i + self.n_batch]
-            logits = self.model.forward(batch, len(self.tokens))[-1]
+            logits = self._forward(batch, len(self.tokens))[-1]
             self.tokens.extend(batch)
         return logits
 
     def generate(self, prompt: list[int], n_predict: int, sampler: Sampler,
                  on_text: Callable[[str], None] | None = None,
-                 stop: Callable[[int], bool] | None = None) -> tuple[list[int], Timings]:
+                 stop: Callable[[int], bool] | None = None,
+                 on_logits: Callable[[np.ndarray], None] | None = None) -> tuple[list[int], Timings]:
         """Greedy or sampled continuation; stops at n_predict tokens (-1: until the context is
-        full), an end-of-generation token, or when stop(token) says so."""
+        full), an end-of-generation token, or when stop(token) says so. on_logits sees the
+        logits (n_vocab,) before each token is sampled."""
         timings = Timings(load_ms=self.load_ms)
         t0 = time.perf_counter()
+        if self.ring is not None:
+            self.ring.begin_request()
         start = self.reuse_prefix(prompt)
         for tok in prompt:
             sampler.accept(tok)
@@ -118,6 +144,8 @@ class Engine:
         t1 = time.perf_counter()
         limit = n_predict if n_predict >= 0 else self.n_ctx
         while len(out) < limit:
+            if on_logits is not None:
+                on_logits(logits)
             token = sampler.sample(logits)
             if not out:
                 timings.ttft_ms = (time.perf_counter() - t0) * 1e3

@@ -1,0 +1,116 @@
+"""Shared by the ring tests: free ports, plans, and child processes that never outlive a test."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from prima_ref.ring.topology import Layout, make_plan
+
+PROMPT = ("The quick brown fox jumps over the lazy dog. Once upon a time, in a small village by "
+          "the sea, there lived")
+GEN_FLAGS = ["-c", "256", "-b", "8", "--temp", "0", "--no-display-prompt", "-t", "1"]
+ENV = {**os.environ, "GOMP_SPINCOUNT": "0"}
+
+
+def free_port_base(n: int) -> int:
+    """A base port with base..base+n-1 all free on 127.0.0.1 (ring ports are base + rank)."""
+    for _ in range(200):
+        base = random.randrange(20000, 60000 - n)
+        socks = []
+        try:
+            for p in range(base, base + n):
+                s = socket.socket()
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                s.bind(("127.0.0.1", p))
+                socks.append(s)
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no free port range")
+
+
+def write_plan(tmp_path: Path, model, sizes: list[int], *, ctx: int = 256, sha256=None) -> tuple[Path, dict]:
+    from prima_ref.cli import _n_layers
+
+    layout = Layout.from_window_sizes(sizes, _n_layers(Path(model)))
+    plan = make_plan(model, layout, ctx=ctx, data_port=free_port_base(len(sizes)),
+                     signal_port=free_port_base(len(sizes)), sha256=sha256)
+    path = tmp_path / f"plan-{'-'.join(map(str, sizes))}.json"
+    path.write_text(json.dumps(plan, indent=1))
+    return path, plan
+
+
+def cli(*args) -> list[str]:
+    return [sys.executable, "-m", "prima_ref.cli", *map(str, args)]
+
+
+class Children:
+    """Popen'd ranks; every one still running is killed when the block ends, pass or fail."""
+
+    def __init__(self, log_dir: Path):
+        self.log_dir = log_dir
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def start(self, name: str, argv: list[str]) -> subprocess.Popen:
+        out = open(self.log_dir / f"{name}.out", "wb")
+        err = open(self.log_dir / f"{name}.err", "wb")
+        p = subprocess.Popen(argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=ENV)
+        out.close()
+        err.close()
+        self.procs[name] = p
+        return p
+
+    def out(self, name: str) -> str:
+        return (self.log_dir / f"{name}.out").read_text(errors="replace")
+
+    def err(self, name: str) -> str:
+        return (self.log_dir / f"{name}.err").read_text(errors="replace")
+
+    def wait_all(self, timeout_s: float) -> dict[str, int | None]:
+        deadline = time.monotonic() + timeout_s
+        for p in self.procs.values():
+            try:
+                p.wait(max(0.01, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        return {n: p.poll() for n, p in self.procs.items()}
+
+    def wait_for_text(self, name: str, text: str, timeout_s: float, stream: str = "err") -> bool:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if text in (self.err(name) if stream == "err" else self.out(name)):
+                return True
+            if self.procs[name].poll() is not None:
+                return text in (self.err(name) if stream == "err" else self.out(name))
+            time.sleep(0.05)
+        return False
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {n} (rc {p.poll()})\n{self.err(n)[-3000:]}" for n, p in self.procs.items())
+
+    def __enter__(self) -> Children:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.send_signal(signal.SIGKILL)
+            p.wait(10)
+
+
+def load_dump(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    d = np.load(path)
+    return d["tokens"], d["logits"]
