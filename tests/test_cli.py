@@ -30,11 +30,22 @@ def test_cli_no_display_prompt_prints_only_the_continuation(smollm2_path):
     assert not res.stdout.startswith("The capital")
 
 
-def test_cli_chat_mode_answers_and_quits(smollm2_path):
-    res = _cli("-m", str(smollm2_path), "-cnv", "-n", "12", "--temp", "0", "-sys", "You are a concise assistant.",
-               input_text="What is the capital of France?\nquit\n")
+def test_cli_chat_mode_answers_each_turn_with_the_template_and_quits(smollm2_path):
+    from prima_ref.chat import render_for, template_from_metadata
+    from prima_ref.engine import Engine
+    from prima_ref.sampling import Sampler, SamplingParams
+
+    system, question = "You are a concise assistant.", "What is the capital of France?"
+    res = _cli("-m", str(smollm2_path), "-cnv", "-n", "12", "--temp", "0", "-sys", system,
+               input_text=f"{question}\nquit\n")
     assert res.returncode == 0, res.stderr
-    assert "Paris" in res.stdout
+    engine = Engine(smollm2_path, n_ctx=512)
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": question}]
+    text = render_for(engine.tokenizer, template_from_metadata(engine.gguf.get), messages)
+    ids = engine.tokenizer.encode(text, add_special=True, parse_special=True)
+    out, _ = engine.generate(ids, 12, Sampler(SamplingParams(temperature=0)))
+    reply = engine.tokenizer.decode(out)
+    assert reply.strip() and reply in res.stdout
 
 
 def test_cli_rejects_missing_and_malformed_model_files(tmp_path):

@@ -165,3 +165,165 @@ def test_matvec_real_tensors_within_bound(model, request):
         x = x.astype(np.float32)
         ref = gguf_dequant(rows, qtype).astype(np.float64) @ x.astype(np.float64)
         assert nse(k.matvec(rows, x), ref) <= (5e-4 if k.x_quantized else 1e-6), name
+
+
+# --- the activations and products llama.cpp computes -------------------------------------------
+# ggml-cpu quantizes x to the weight type's vec_dot_type before every product. These numpy
+# references transcribe its C (ggml-cpu/arch/x86/quants.c quantize_row_q8_0 / q8_1, AVX2 path;
+# ggml-quants.c quantize_row_q8_K_ref; ggml_compute_fp32_to_bf16) so the kernels are checked
+# against llama.cpp's integers and f16 roundings without llama.cpp installed.
+
+LEGACY_Q8_1 = (T.Q4_1, T.Q5_1)  # vec_dot_type Q8_1; Q8_0, Q4_0, Q5_0 and IQ4_NL use Q8_0
+Q8_K_TYPES = (T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ1_S, T.IQ1_M)
+
+
+def f16_round(v):
+    return np.asarray(v, np.float32).astype(np.float16).astype(np.float32)
+
+
+def quantize_row_q8_ref(x):
+    """quantize_row_q8_0/q8_1 (AVX2): amax; d = amax/127.f stored as f16; id = 127.f/amax;
+    q = round half to even (x * id); Q8_1's s = f16(d * sum(q)) with the unrounded d."""
+    xb = np.asarray(x, np.float32).reshape(-1, 32)
+    amax = np.abs(xb).max(axis=1)  # (n_blocks,)
+    d = amax / np.float32(127)
+    with np.errstate(divide="ignore"):
+        inv = np.where(amax != 0, np.float32(127) / amax, np.float32(0)).astype(np.float32)
+    q = np.rint(xb * inv[:, None]).astype(np.int32)
+    s = q.sum(axis=1)
+    return q.astype(np.int8).reshape(-1), f16_round(d), s, f16_round(d * s.astype(np.float32))
+
+
+def quantize_row_q8_k_ref(x):
+    """quantize_row_q8_K_ref: max = the first x of largest |x|; iscale = -127.f/max;
+    q = MIN(127, nearest_int(iscale * x)); d = 1/iscale; an all-zero block is d = 0, q = 0."""
+    xb = np.asarray(x, np.float32).reshape(-1, 256)
+    q = np.zeros(xb.shape, np.int32)
+    d = np.zeros(xb.shape[0], np.float32)
+    for i, blk in enumerate(xb):
+        amax, vmax = np.float32(0), np.float32(0)
+        for v in blk:
+            if abs(v) > amax:
+                amax, vmax = abs(v), v
+        if amax == 0:
+            continue
+        iscale = np.float32(-127) / vmax
+        q[i] = np.minimum(127, np.rint(iscale * blk))  # nearest_int: +1.5*2^23, ties to even
+        d[i] = np.float32(1) / iscale
+    return q.astype(np.int8).reshape(-1), d
+
+
+def bf16_round_ref(x):
+    u = np.asarray(x, np.float32).view(np.uint32).astype(np.uint64)
+    bits = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) << 16
+    return bits.astype(np.uint32).view(np.float32)
+
+
+def llama_x_values(qtype, x):
+    """x as the float values llama.cpp's dot products see for this weight type."""
+    if qtype == T.F16:
+        return f16_round(x)
+    if qtype == T.BF16:
+        return bf16_round_ref(x)
+    if qtype == T.F32:
+        return np.asarray(x, np.float32)
+    if qtype in Q8_K_TYPES:
+        q, d = quantize_row_q8_k_ref(x)
+        return (q.reshape(-1, 256) * d[:, None].astype(np.float64)).reshape(-1)
+    q, d, _, _ = quantize_row_q8_ref(x)
+    return (q.reshape(-1, 32) * d[:, None].astype(np.float64)).reshape(-1)
+
+
+def activation_with_ties(rng, n):
+    """Random x plus the cases the roundings decide: exact .5 ties of x * id (blocks whose
+    amax is 127 have id = 1), an all-zero block, equal +-amax, a negative max, tiny values."""
+    x = (rng.standard_normal(n) * rng.exponential(1.0, n)).astype(np.float32)
+    x[:32] = np.arange(-15.5, 16.5, 1.0, dtype=np.float32)
+    x[0] = 127.0
+    x[32:64] = 0
+    x[64:96] *= np.float32(1e-30)
+    if n >= 512:
+        x[256:512] = np.round(rng.standard_normal(256) * 20) + 0.5
+        x[300], x[301] = -200.0, 200.0  # first of the equal |x| wins: max is negative
+    return x
+
+
+def test_q8_0_and_q8_1_activations_equal_llama_cpp_bytes():
+    from prima_ref.quants import simd
+
+    rng = np.random.default_rng(7)
+    xs = np.stack([activation_with_ties(rng, 1024) for _ in range(3)])  # (3, 1024)
+    qx, dx, sx, dsx = simd.quantize_x_q8(xs)
+    for t in range(xs.shape[0]):
+        q, d, s, ds = quantize_row_q8_ref(xs[t])
+        assert np.array_equal(qx[t], q)
+        assert np.array_equal(dx[t].view(np.uint32), d.view(np.uint32))
+        assert np.array_equal(sx[t], s)
+        assert np.array_equal(dsx[t].view(np.uint32), ds.view(np.uint32))
+
+
+@pytest.mark.parametrize("qtype", [T.Q4_K, T.Q6_K, T.Q2_K], ids=lambda t: t.name)
+def test_q8_k_activations_equal_llama_cpp_ref(qtype):
+    """The K-quant kernels' Q8_K quantization (stored in their slot order) and the values the
+    float paths use are quantize_row_q8_K_ref's, sign convention included."""
+    from prima_ref.quants import k_quants as kq
+    from prima_ref.quants import simd
+
+    rng = np.random.default_rng(int(qtype))
+    xs = np.stack([activation_with_ties(rng, 1024) for _ in range(2)])  # (2, 1024)
+    slots = kq._slots(qtype)
+    sum_lane, n_lanes, factor = kq._x_sums(qtype)
+    xq = np.empty(xs.shape, np.int8)
+    xd = np.empty((2, 4), np.float32)
+    xsum = np.empty((2, 4, n_lanes), np.int32)
+    kq._quantize_x_q8k(xs, slots, sum_lane, factor, xq, xd, xsum)
+    values = simd.q8_k_values(xs, 256)
+    for t in range(2):
+        q, d = quantize_row_q8_k_ref(xs[t])
+        natural = np.empty((4, 256), np.int8)
+        natural[:, slots] = xq[t].reshape(4, 256)
+        assert np.array_equal(natural.reshape(-1), q)
+        assert np.array_equal(xd[t].view(np.uint32), d.view(np.uint32))
+        assert np.array_equal(values[t], (q.reshape(4, 256) * d[:, None]).reshape(-1))
+
+
+def llama_legacy_products(qtype, raw, x):
+    """ggml_vec_dot_q*_q8_0 / q*_1_q8_1 in float64 from the block fields: per block
+    d_w * d_x * (integer dot of the signed quants), plus m_w * s_x for the types with a min."""
+    from prima_ref.quants import legacy
+
+    kind = int(qtype)
+    blocks = raw.reshape(-1, legacy.BLOCK_BYTES[kind])
+    n_blocks = raw.shape[1] // legacy.BLOCK_BYTES[kind]
+    u = legacy._unsigned_quants_ref(kind, blocks).astype(np.int64).reshape(raw.shape[0], n_blocks, 32)
+    d_w = legacy._f16(blocks, 0).astype(np.float64).reshape(raw.shape[0], n_blocks)
+    q, d_x, _, s_x = quantize_row_q8_ref(x)
+    isum = ((u - legacy.K_OFFSET[kind]) * q.reshape(1, n_blocks, 32)).sum(axis=2)
+    y = (d_w * d_x.astype(np.float64) * isum).sum(axis=1)
+    if legacy.HAS_MIN[kind]:
+        m_w = legacy._f16(blocks, 2).astype(np.float64).reshape(raw.shape[0], n_blocks)
+        y += (m_w * s_x.astype(np.float64)).sum(axis=1)
+    return y
+
+
+def llama_products(qtype, raw, x):
+    if qtype in (T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1):
+        return llama_legacy_products(qtype, raw, x)
+    return gguf_dequant(raw, qtype).astype(np.float64) @ llama_x_values(qtype, x)
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_products_are_llama_cpps_up_to_float32_summation(qtype):
+    """Same integers, same f16 roundings as ggml: only the float32 summation order differs,
+    so each y is within float32 rounding of llama.cpp's product computed in float64."""
+    rng = np.random.default_rng(int(qtype) + 1000)
+    n_rows, n_cols = 40, 1024
+    raw = realistic_rows(qtype, rng, n_rows, n_cols)
+    xs = np.stack([activation_with_ties(rng, n_cols) for _ in range(5)])  # (5, n_cols)
+    ref = np.stack([llama_products(qtype, raw, x) for x in xs])  # (5, n_rows)
+    w_abs = np.abs(gguf_dequant(raw, qtype).astype(np.float64))
+    scale = np.stack([w_abs @ np.abs(llama_x_values(qtype, x)) for x in xs])  # sum |w x|
+    k = kernels(qtype)
+    assert np.all(np.abs(k.matmul(raw, xs) - ref) <= 2e-6 * scale + 1e-30)
+    assert np.all(np.abs(k.matmul(raw, xs[:1])[0] - ref[0]) <= 2e-6 * scale[0] + 1e-30)
+    assert np.all(np.abs(k.matvec(raw, xs[2]) - ref[2]) <= 2e-6 * scale[2] + 1e-30)

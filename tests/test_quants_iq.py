@@ -6,6 +6,7 @@ import pytest
 from gguf import quants as gq
 from gguf.constants import GGMLQuantizationType as T
 from numba import njit
+from test_quants import nse
 
 from prima_ref.quants import float_types as ft
 from prima_ref.quants import iq_quants as iq
@@ -64,8 +65,9 @@ def test_float_products_handle_rows_not_a_multiple_of_the_vector_width(qtype, n_
     k = ft.KERNELS[qtype]
     w64 = k.dequantize(raw).astype(np.float64)
     xs = rng.standard_normal((3, n_cols)).astype(np.float32)
-    np.testing.assert_allclose(k.matvec(raw, xs[0]), w64 @ xs[0], rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(k.matmul(raw, xs), xs @ w64.T, rtol=1e-5, atol=1e-5)
+    x64 = ft._llama_x(qtype, xs).astype(np.float64)  # F16/BF16: x rounded as llama.cpp does
+    np.testing.assert_allclose(k.matvec(raw, xs[0]), w64 @ x64[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(k.matmul(raw, xs), x64 @ w64.T, rtol=1e-5, atol=1e-5)
 
 
 def test_matmul_chunks_longer_rows_than_its_buffer():
@@ -74,7 +76,8 @@ def test_matmul_chunks_longer_rows_than_its_buffer():
     raw = rng.standard_normal((4, n_cols)).astype(np.float16).view(np.uint8)
     xs = rng.standard_normal((2, n_cols)).astype(np.float32)
     w64 = ft.KERNELS[T.F16].dequantize(raw).astype(np.float64)
-    np.testing.assert_allclose(ft.KERNELS[T.F16].matmul(raw, xs), xs @ w64.T, rtol=1e-5)
+    x64 = xs.astype(np.float16).astype(np.float64)  # F16 weights meet x rounded to f16
+    np.testing.assert_allclose(ft.KERNELS[T.F16].matmul(raw, xs), x64 @ w64.T, rtol=1e-5)
 
 
 def test_real_f32_tensors_match_gguf(smollm2_path, gemma3_path):
@@ -164,8 +167,10 @@ def test_iq_products_with_small_scales_against_float64(qtype, n_tokens):
     xs = rng.standard_normal((n_tokens, n_blocks * lay.block_size)).astype(np.float32)
     w64 = gq.dequantize(raw, qtype).astype(np.float64).reshape(raw.shape[0], -1)
     k = iq.KERNELS[qtype]
-    ref = xs.astype(np.float64) @ w64.T
+    # the products see x as llama.cpp's activation quantization leaves it (Q8_0 / Q8_K)
+    ref = iq._llama_x(qtype, xs).astype(np.float64) @ w64.T
     np.testing.assert_allclose(k.matmul(raw, xs), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+    assert nse(k.matmul(raw, xs), xs.astype(np.float64) @ w64.T) <= 5e-4
     np.testing.assert_allclose(k.matvec(raw, xs[0]), ref[0], rtol=1e-4,
                                atol=1e-4 * np.abs(ref).max())
 

@@ -1,5 +1,6 @@
 """K-quant kernels beyond the shared contract: the int8 fast path is exact given its own x
-quantization, the float fallback keeps the 1e-6 bound, bad input fails with a clear error."""
+quantization, the float fallback is exact given the same Q8_K values, bad input fails with a
+clear error."""
 
 import numpy as np
 import pytest
@@ -8,6 +9,7 @@ from gguf.constants import GGMLQuantizationType as T
 from test_quants import nse, random_rows, realistic_rows
 
 from prima_ref.quants import k_quants as kq
+from prima_ref.quants import simd
 from prima_ref.quants.layouts import LAYOUTS, QK_K
 
 K_TYPES = [T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K]
@@ -50,13 +52,18 @@ def test_int8_products_exact_for_their_quantized_x(qtype, n_tokens):
 
 
 @pytest.mark.parametrize("qtype", K_TYPES, ids=lambda t: t.name)
-def test_float_fallback_products_within_1e6(qtype):
+def test_float_fallback_products_exact_for_llama_cpps_q8_k_values(qtype):
+    """The no-VNNI path dots float weights with x's Q8_K values d * q (llama.cpp's view of x),
+    so it agrees with the float64 product on those values and with the int8 path."""
     rng = np.random.default_rng(int(qtype))
     raw = realistic_rows(qtype, rng, 24, 2 * QK_K)
     xs = rng.standard_normal((5, 2 * QK_K)).astype(np.float32)
     w64 = gq.dequantize(raw, qtype).reshape(24, -1).astype(np.float64)
     ys = kq._float_products(qtype)(raw, xs)
-    assert nse(ys, xs.astype(np.float64) @ w64.T) <= 1e-6
+    assert nse(ys, simd.q8_k_values(xs, QK_K).astype(np.float64) @ w64.T) <= 1e-11
+    assert nse(ys, xs.astype(np.float64) @ w64.T) <= 5e-4
+    if kq.has_avx512_vnni():
+        assert nse(ys, kq.KERNELS[qtype].matmul(raw, xs)) <= 1e-11
 
 
 @pytest.mark.parametrize("qtype", K_TYPES, ids=lambda t: t.name)

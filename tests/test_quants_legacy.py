@@ -31,13 +31,47 @@ def quantized(qtype, n_rows, n_cols, seed):
 def test_quantize_x_q8_reconstructs_x_within_half_a_step():
     x = np.random.default_rng(0).standard_normal((3, 256)).astype(np.float32) * 4
     x[1, :32] = 0  # an all-zero block gets scale 0, not a division by zero
-    qx, dx, sx = simd.quantize_x_q8(x)
+    qx, dx, sx, dsx = simd.quantize_x_q8(x)
     assert qx.dtype == np.int8 and qx.shape == (3, 256)
-    assert dx.shape == sx.shape == (3, 256 // QK_LEGACY)
+    assert dx.shape == sx.shape == dsx.shape == (3, 256 // QK_LEGACY)
     step = np.repeat(dx, QK_LEGACY, axis=1)
-    assert np.all(np.abs(qx * step - x) <= step / 2 * (1 + 1e-6))
+    # q is rounded with the exact step amax/127; dx is that step rounded to f16 (2**-11
+    # relative), which moves q * dx by at most 127 * 2**-11 steps
+    assert np.all(np.abs(qx * step - x) <= step * (0.5 + 127 * 2.0**-11) * (1 + 1e-6))
     assert np.array_equal(sx, qx.reshape(3, -1, QK_LEGACY).sum(axis=2, dtype=np.int32))
+    assert np.allclose(dsx, dx * sx, rtol=2**-10, atol=0)  # s = f16(d * sum q)
     assert np.abs(qx).max() == 127 and dx[1, 0] == 0 and not qx[1, :32].any()
+    assert np.array_equal(dx, dx.astype(np.float16).astype(np.float32))
+
+
+@pytest.mark.parametrize("rounder", ["_round_f16_portable", "_round_f16_f16c"])
+def test_round_f16_equals_numpy_on_every_float32_exponent(rounder):
+    """The f16 rounding of d and s (GGML_FP32_TO_FP16: nearest, ties to even), on values of
+    every magnitude, exact ties and the overflow and subnormal edges."""
+    if rounder == "_round_f16_f16c" and not simd.has_f16c():
+        pytest.skip("this CPU has no F16C")
+    from numba import njit
+
+    fn = getattr(simd, rounder)
+
+    @njit
+    def round_all(v, out):
+        for i in range(v.size):
+            out[i] = fn(v[i])
+
+    rng = np.random.default_rng(5)
+    bits = rng.integers(0, 2**32, 200_000, dtype=np.uint64).astype(np.uint32)
+    halves = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
+    ties = (halves.view(np.uint32) | np.uint32(0x1000)).view(np.float32)  # mantissa ...1000
+    v = np.concatenate([bits.view(np.float32), halves, ties,
+                        np.float32([65504, 65519.99, 65520, 2.0**-25, 2.0**-24, 3 * 2.0**-26])])
+    out = np.empty_like(v)
+    round_all(v, out)
+    with np.errstate(over="ignore"):
+        ref = v.astype(np.float16).astype(np.float32)
+    nan = np.isnan(ref)
+    assert np.array_equal(out[~nan].view(np.uint32), ref[~nan].view(np.uint32))
+    assert np.isnan(out[nan]).all()
 
 
 def test_quantize_x_q8_rejects_partial_block():
@@ -117,6 +151,18 @@ CHILD = textwrap.dedent("""
     from gguf import quants as gq
     from gguf.constants import GGMLQuantizationType as T
     from prima_ref.quants import legacy, simd
+
+    def llama_dot(qtype, raw, x):  # ggml_vec_dot_q4_0_q8_0 / q5_1_q8_1 in float64
+        kind, n = int(qtype), raw.shape[0]
+        blocks = raw.reshape(-1, legacy.BLOCK_BYTES[kind])
+        u = legacy._unsigned_quants_ref(kind, blocks).astype(np.int64) - legacy.K_OFFSET[kind]
+        d = legacy._f16(blocks, 0).astype(np.float64).reshape(n, -1)
+        qx, dx, sx, dsx = simd.quantize_x_q8(x)
+        y = (d * dx * (u.reshape(n, -1, 32) * qx.reshape(-1, 32)).sum(2)).sum(1)
+        if legacy.HAS_MIN[kind]:
+            y += (legacy._f16(blocks, 2).astype(np.float64).reshape(n, -1) * dsx).sum(1)
+        return y
+
     for qtype in (T.Q4_0, T.Q5_1):
         w = np.random.default_rng(0).standard_normal((8, 64)).astype(np.float32)
         raw = np.ascontiguousarray(gq.quantize(w, qtype).view(np.uint8).reshape(8, -1))
@@ -124,8 +170,12 @@ CHILD = textwrap.dedent("""
         k = legacy.KERNELS[qtype]
         assert np.array_equal(k.dequantize(raw), ref)
         x = np.ones((2, 64), np.float32)
-        assert np.allclose(k.matvec(raw, x[0]), ref.sum(1), rtol=1e-2, atol=1e-3)
-        assert np.allclose(k.matmul(raw, x), ref.sum(1)[None], rtol=1e-2, atol=1e-3)
+        x[1] = np.random.default_rng(1).standard_normal(64)
+        want = np.stack([llama_dot(qtype, raw, xt) for xt in x])
+        tol = 1e-5 * np.abs(want).max()  # float32 sums; the offset -k*sx is summed apart
+        assert np.allclose(k.matvec(raw, x[0]), want[0], rtol=0, atol=tol)
+        assert np.allclose(k.matmul(raw, x), want, rtol=0, atol=tol)
+        assert np.array_equal(simd.quantize_x_q8(x[:1])[1][0], np.float16([1 / 127] * 2))  # f16 d
     print("vnni", simd.has_vnni(), "f16c", simd.has_f16c())
 """)
 

@@ -16,9 +16,9 @@ Both products are parallel over output rows; ``set_num_threads`` sets the thread
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import import_module
-from typing import Callable
 
 import numpy as np
 from gguf.constants import GGMLQuantizationType

@@ -8,7 +8,8 @@ Byte layout of one element (little-endian, as in ggml):
 
 Rows are viewed, without copying, as words: F32 as float32, F16 as uint16 and BF16 as int16
 (gguf-py's view of it), so the word dtype alone selects the widening in ``_widen``.
-The products keep x in float32 (error bound 1e-6).
+The products first round x as llama.cpp does (to f16 for F16 weights, to bf16 for BF16:
+ggml's vec_dot_type), then multiply in float32.
 
 Also home of the f16/bit-cast helpers that the other families use to read their scales.
 """
@@ -236,6 +237,28 @@ def _matmul_words(w, xs, n_cols):
     return ys
 
 
+# ---------------------------------------------------------------- x as llama.cpp rounds it
+
+
+def bf16_round(x: np.ndarray) -> np.ndarray:
+    """float32 x rounded to bf16 and back: ggml_compute_fp32_to_bf16 (ties to even, NaN kept
+    quiet), the vec_dot_type conversion of x for BF16 weights."""
+    u = x.view(np.uint32)
+    nan = (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
+    rounded = (u + (np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1)))) >> np.uint32(16)
+    bits = np.where(nan, (u >> np.uint32(16)) | np.uint32(64), rounded) << np.uint32(16)
+    return bits.astype(np.uint32).view(np.float32)
+
+
+def _llama_x(qtype: T, x: np.ndarray) -> np.ndarray:
+    """ggml converts x to the weight's vec_dot_type first: F16 for F16, BF16 for BF16."""
+    if qtype == T.F16:
+        return x.astype(np.float16).astype(np.float32)
+    if qtype == T.BF16:
+        return bf16_round(x)
+    return x
+
+
 # ---------------------------------------------------------------- public wrappers
 
 
@@ -250,13 +273,15 @@ def _kernels(qtype: T) -> QuantKernels:
 
     def matvec(raw, x):
         w, n_cols = _words(raw, qtype)
-        return _matvec_words(w, check_x(x, n_cols, qtype, 1), n_cols)
+        return _matvec_words(w, _llama_x(qtype, check_x(x, n_cols, qtype, 1)), n_cols)
 
     def matmul(raw, xs):
         w, n_cols = _words(raw, qtype)
-        return _matmul_words(w, check_x(xs, n_cols, qtype, 2), n_cols)
+        return _matmul_words(w, _llama_x(qtype, check_x(xs, n_cols, qtype, 2)), n_cols)
 
-    return QuantKernels(dequantize_ref, dequantize, matvec, matmul, x_quantized=False)
+    # x rounded to bf16 (8-bit significand) is a quantization of x (bound 5e-4); rounded to
+    # f16 it stays within the float bound 1e-6
+    return QuantKernels(dequantize_ref, dequantize, matvec, matmul, x_quantized=qtype == T.BF16)
 
 
 KERNELS = {qtype: _kernels(qtype) for qtype in (T.F32, T.F16, T.BF16)}

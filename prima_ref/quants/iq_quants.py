@@ -19,8 +19,10 @@ Block layouts, in on-disk order (``d``: f16; u16 fields little-endian):
         w = d * (2*scale + 1) * (GRID[idx] + delta)
 
 Dequantization mirrors gguf-py's float32 operation order, so it is bit-equal to
-``gguf.quants.dequantize``. The products keep x in float32 (error bound 1e-6): each sub-block's
-sum over its weights is taken with x unscaled and multiplied by its scale once.
+``gguf.quants.dequantize``. The products first replace x by the values d * q of llama.cpp's
+activation quantization (Q8_0 for IQ4_NL, Q8_K for IQ1_S/IQ1_M; x_quantized=True), then run
+float32 kernels: each sub-block's sum over its weights is taken with x unscaled and multiplied
+by its scale once. Same result as ggml's int8 dots up to float32 summation order.
 """
 
 from __future__ import annotations
@@ -36,7 +38,15 @@ from numba.extending import intrinsic
 from prima_ref.quants import QuantKernels
 from prima_ref.quants.float_types import add_token_dots, check_rows, check_x, f16_bits_to_f32
 from prima_ref.quants.layouts import LAYOUTS
-from prima_ref.quants.simd import F32x8, cpu_features, f32x8_zero, hsum_f32x8, load_f16
+from prima_ref.quants.simd import (
+    F32x8,
+    cpu_features,
+    f32x8_zero,
+    hsum_f32x8,
+    load_f16,
+    q8_0_values,
+    q8_k_values,
+)
 
 U64 = np.uint64
 F16_BYTES = 2
@@ -481,9 +491,15 @@ def _flat(raw: np.ndarray, qtype: T) -> tuple[np.ndarray, int]:
     return raw.reshape(-1), n_cols  # (n_rows * row_bytes,)
 
 
+def _llama_x(qtype: T, x: np.ndarray) -> np.ndarray:
+    """x as llama.cpp's int8 dot sees it: IQ4_NL meets Q8_0 activations, IQ1_S/IQ1_M Q8_K ones
+    (ggml-cpu's vec_dot_type), here as their float values d * q for the float kernels."""
+    return q8_0_values(x) if qtype == T.IQ4_NL else q8_k_values(x, QK1)
+
+
 def _matvec(qtype: T, raw: np.ndarray, x: np.ndarray) -> np.ndarray:
     flat, n_cols = _flat(raw, qtype)
-    x = check_x(x, n_cols, qtype, 1)
+    x = _llama_x(qtype, check_x(x, n_cols, qtype, 1))
     if qtype == T.IQ4_NL:
         return _matvec_iq4_nl(flat, x, raw.shape[1])
     if qtype == T.IQ1_S:
@@ -505,14 +521,14 @@ def _kernels(qtype: T) -> QuantKernels:
 
     def matmul(raw, xs):
         flat, n_cols = _flat(raw, qtype)
-        xs = check_x(xs, n_cols, qtype, 2)
+        xs = _llama_x(qtype, check_x(xs, n_cols, qtype, 2))
         args = (raw.shape[1], layout.type_size, layout.block_size)
         return _matmul_rows(kind, flat, xs, *args)
 
     def matvec(raw, x):
         return _matvec(qtype, raw, x)
 
-    return QuantKernels(dequantize_ref, dequantize, matvec, matmul, x_quantized=False)
+    return QuantKernels(dequantize_ref, dequantize, matvec, matmul, x_quantized=True)
 
 
 KERNELS = {qtype: _kernels(qtype) for qtype in (T.IQ4_NL, T.IQ1_S, T.IQ1_M)}

@@ -28,10 +28,11 @@ Value of a weight: Q2_K/Q4_K/Q5_K ``(d * sc) * q - (dmin * m)``; Q3_K/Q6_K ``(d 
 with q signed (Q3_K: -4..3, Q6_K: -32..31). The numpy references and the Numba dequantize
 keep exactly this float32 order, so both are bit-equal to gguf.quants.dequantize.
 
-Where the CPU has AVX512-VNNI (and BW), matvec/matmul quantize x the way llama.cpp's Q8_K
-does (int8 per 256 weights, one float scale, integer sums for the mins/offsets) and take int8
-dot products in LLVM IR emitted here (x_quantized=True). Elsewhere they decode each block to
-float32 once and reuse it for every token (x stays float).
+matvec/matmul quantize x exactly as llama.cpp's Q8_K does (quantize_row_q8_K_ref: int8 per
+256 weights, one float32 scale; x_quantized=True). Where the CPU has AVX512-VNNI (and BW)
+they take int8 dot products in LLVM IR emitted here, with integer sums for the mins/offsets.
+Elsewhere they decode each block to float32 once, reuse it for every token, and dot it with
+the Q8_K values d * q of x (same products up to float32 summation order).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from prima_ref.quants.layouts import LAYOUTS, QK_K
+from prima_ref.quants.simd import q8_k_iscale, q8_k_quant, q8_k_values
 
 
 class KQuantInputError(ValueError):
@@ -368,18 +370,16 @@ def _x_sums(qtype: T) -> tuple[np.ndarray, int, int]:
 @njit(cache=True)
 def _quantize_x_q8k(xs, slots, sum_lane, factor, xq, xd, xsum):
     """xs (n_tokens, n_cols) -> xq int8 (n_tokens, n_cols) in slot order, xd float32
-    (n_tokens, n_blocks) scales, xsum int32 (n_tokens, n_blocks, n_lanes) sums."""
+    (n_tokens, n_blocks) scales, xsum int32 (n_tokens, n_blocks, n_lanes) sums. The integers
+    and d are quantize_row_q8_K_ref's (d = 1/iscale may be negative, q the matching sign)."""
     for t in range(xs.shape[0]):
         for b in range(xd.shape[1]):
             x = xs[t, b * QK_K : (b + 1) * QK_K]
-            amax = np.float32(0.0)
-            for i in range(QK_K):
-                amax = max(amax, abs(x[i]))
-            inv = np.float32(127.0) / amax if amax > 0 else np.float32(0.0)
-            xd[t, b] = amax / np.float32(127.0)
+            iscale = q8_k_iscale(x, 0, QK_K)
+            xd[t, b] = np.float32(1.0) / iscale if iscale != 0 else np.float32(0.0)
             xsum[t, b, :] = 0
             for s in range(QK_K):
-                q = np.int32(np.rint(x[slots[s]] * inv))
+                q = q8_k_quant(iscale, x[slots[s]])
                 xq[t, b * QK_K + s] = q
                 xsum[t, b, sum_lane[s]] += factor * q
 
@@ -839,6 +839,7 @@ def _float_products(qtype: T):
     def matmul(raw: np.ndarray, xs: np.ndarray) -> np.ndarray:
         raw = _check_raw(raw, qtype)
         xs = _check_x(xs, raw.shape[1] // ts * QK_K, qtype, 2)
+        xs = q8_k_values(xs, QK_K)  # what llama.cpp's Q8_K dot sees
         return _matmul_decoded(raw.reshape(-1), xs, raw.shape[1], ts, KIND[qtype])
 
     return matmul
@@ -879,7 +880,7 @@ def _make(qtype: T, ref_fn):
             raise KQuantInputError(f"{qtype.name} matvec: x must be (n_cols,), got {x.shape}")
         return matmul(raw, x.reshape(1, -1))[0]
 
-    return QuantKernels(_ref(ref_fn, qtype), dequantize, matvec, matmul, x_quantized=vnni)
+    return QuantKernels(_ref(ref_fn, qtype), dequantize, matvec, matmul, x_quantized=True)
 
 
 KERNELS = {

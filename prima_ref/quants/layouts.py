@@ -6,7 +6,8 @@ Field order is the on-disk order (ggml-common.h).
 
 from dataclasses import dataclass
 
-from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as T
+from gguf.constants import GGML_QUANT_SIZES
+from gguf.constants import GGMLQuantizationType as T
 
 QK_LEGACY = 32  # weights per block, legacy quants and IQ4_NL
 QK_K = 256  # weights per super-block, K-quants and IQ1

@@ -10,9 +10,13 @@ Block layouts, in on-disk order (``d``, ``m``: f16; weight ``j`` of the block, j
 
 Every type is written as w_j = d * (u_j - k) + m with unsigned quants u_j < 256 and a
 constant k (Q8_0 stores u_j = qs[j] + 128), so one int8 dot product serves all five:
-x is quantized to int8 blocks (``simd.quantize_x_q8``: qx, dx, sx = block sums) and
+x is quantized to int8 blocks exactly as llama.cpp quantizes it (``simd.quantize_x_q8``: Q8_0
+for Q4_0/Q5_0/Q8_0, Q8_1 for Q4_1/Q5_1: qx, f16 scale dx, block sum sx, f16 s) and
 
-    sum_j w_j x_j  ~=  d * dx * (sum_j u_j qx_j - k * sx)  +  m * dx * sx
+    sum_j w_j x_j  ~=  d * dx * (sum_j u_j qx_j - k * sx)  +  m * s
+
+the same integers and f16 roundings as ggml_vec_dot_q*_q8_*, so products match llama.cpp's to
+float32 summation order.
 
 The integer part is one VNNI ``vpdpbusd`` per block on CPUs that have it (``simd.has_vnni``),
 else a portable Numba loop computes the same integers. The error against float x is the int8
@@ -173,7 +177,8 @@ def _block_dot_vnni(kind, row, o, qx, b, dx, acc):
 
 @njit(cache=True, inline="always")
 def _row_dot_vnni(kind, row, qx, dx, dxsx):
-    """sum_j w_j x_j for one weight row; qx int8 (n,), dx and dxsx = dx * sx f32 (n // 32,)."""
+    """sum_j w_j x_j for one weight row; qx int8 (n,), dx and dxsx f32 (n // 32,): dxsx the
+    offset term's x factor (_offset_scales)."""
     # uint64 indices: Numba adds negative-index wraparound code to every signed array index
     bb, n_blocks = np.uint64(_BB[kind]), np.uint64(dx.shape[0])
     field = np.uint64(F16_BYTES if _MIN[kind] else 0)  # offset term's scale: m, else d
@@ -223,7 +228,7 @@ U8 = np.uint64(8)
 @njit(cache=True, inline="always")
 def _matmul_rows(kind, vnni, raw, qxb, dx8, dxsxb, ys):
     """ys (n_tokens, n_rows); qxb int8 (n_blocks * padded * 32,), dx8 f32 (n_blocks * padded
-    * 8,): each dx 8 times, dxsxb f32 (n_blocks * padded,): dx * sx."""
+    * 8,): each dx 8 times, dxsxb f32 (n_blocks * padded,): _offset_scales."""
     bb, n_rows = np.uint64(_BB[kind]), raw.shape[0]
     n_blocks = np.uint64(raw.shape[1]) // bb
     padded = np.uint64(dxsxb.shape[0]) // n_blocks
@@ -345,7 +350,13 @@ def _check_x(qtype: T, x: np.ndarray, n_cols: int, ndim: int) -> np.ndarray:
     return x
 
 
-def _block_major_activations(xs: np.ndarray):
+def _offset_scales(kind: int, dx, sx, dsx):
+    """What a block's offset term multiplies: Q8_1's f16 s for types with a min (as
+    ggml_vec_dot_q4_1_q8_1), else dx * sx (the -k * sum(qx) part of the signed int dot)."""
+    return dsx if HAS_MIN[kind] else dx * sx.astype(np.float32)
+
+
+def _block_major_activations(kind: int, xs: np.ndarray):
     """int8 activations, block-major and zero-padded to TOKEN_LANES tokens (zero tokens add
     nothing): qxb (n_blocks * padded * 32,), dx8 (n_blocks * padded * 8,): each dx 8 times,
     dxsxb (n_blocks * padded,): dx * sx."""
@@ -353,11 +364,11 @@ def _block_major_activations(xs: np.ndarray):
     padded = -(-n_tokens // TOKEN_LANES) * TOKEN_LANES
     xs_pad = np.zeros((padded, xs.shape[1]), np.float32)  # (padded, n_cols)
     xs_pad[:n_tokens] = xs
-    qx, dx, sx = quantize_x_q8(xs_pad)
+    qx, dx, sx, dsx = quantize_x_q8(xs_pad)
     n_blocks = dx.shape[1]
     qxb = np.ascontiguousarray(qx.reshape(padded, n_blocks, QK).transpose(1, 0, 2))
     dx8 = np.repeat(dx.T.reshape(-1), 8)  # (n_blocks * padded * 8,)
-    dxsxb = np.ascontiguousarray((dx * sx.astype(np.float32)).T)  # (n_blocks, padded)
+    dxsxb = np.ascontiguousarray(_offset_scales(kind, dx, sx, dsx).T)  # (n_blocks, padded)
     return qxb.reshape(-1), dx8, dxsxb.reshape(-1)
 
 
@@ -376,9 +387,9 @@ def make_kernels(qtype: T, vnni: bool) -> QuantKernels:
 
     def matvec(raw, x):
         x = _check_x(qtype, x, _check_raw(qtype, raw), 1)
-        qx, dx, sx = quantize_x_q8(x)
+        qx, dx, sx, dsx = quantize_x_q8(x)
         y = np.empty(raw.shape[0], np.float32)  # (n_rows,)
-        matvec_nb(raw, qx, dx, dx * sx.astype(np.float32), y)
+        matvec_nb(raw, qx, dx, _offset_scales(kind, dx, sx, dsx), y)
         return y
 
     def matmul(raw, xs):
@@ -387,7 +398,7 @@ def make_kernels(qtype: T, vnni: bool) -> QuantKernels:
         if xs.shape[0] == 1:  # padding one token to TOKEN_LANES would cost 8x
             ys[0] = matvec(raw, xs[0])
         elif xs.shape[0]:
-            matmul_nb(raw, *_block_major_activations(xs), ys)
+            matmul_nb(raw, *_block_major_activations(kind, xs), ys)
         return ys
 
     return QuantKernels(

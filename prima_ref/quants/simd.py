@@ -3,9 +3,13 @@
 Stable API (other quant families build on it):
 
 - ``has_vnni()``, ``has_f16c()``: what the host CPU can run (llvmlite's host feature list).
-- ``quantize_x_q8(x) -> (qx, dx, sx)``: x float32 (..., n) to int8 blocks of 32 as llama.cpp's
-  Q8_0/Q8_1 activations: ``qx`` int8 (..., n), ``dx`` float32 (..., n//32) scales and ``sx``
-  int32 (..., n//32) block sums of ``qx`` (so offset/min terms cost one FMA per block).
+- ``quantize_x_q8(x) -> (qx, dx, sx, dsx)``: x float32 (..., n) to int8 blocks of 32 exactly as
+  llama.cpp's Q8_0/Q8_1 activations (ggml-cpu quantize_row_q8_0/q8_1, AVX2 path): ``qx`` int8
+  (..., n); ``dx`` float32 (..., n//32), the f16-rounded scale amax/127; ``sx`` int32 block sums
+  of ``qx``; ``dsx`` float32, Q8_1's ``s`` = f16(unrounded d * sx), what Q4_1/Q5_1 mins meet.
+- ``q8_k_iscale(x, lo, n)``, ``q8_k_quant(iscale, v)``: njit-callable quantize_row_q8_K_ref.
+- ``q8_0_values(x)``, ``q8_k_values(x, 256)``: x as d * q of those activations, for float
+  kernels that must see llama.cpp's activation values. ``round_f16(v)``: njit f32 -> f16 -> f32.
 - ``load_f16(raw, off) -> float32``: njit-callable; the f16 at byte ``off`` of a uint8 array.
 - 256-bit vector values for njit kernels, written like C intrinsics (one x86 instruction or a
   few each). A kernel holds them in locals; LLVM keeps them in ymm registers:
@@ -73,12 +77,69 @@ def has_f16c() -> bool:
     return bool(cpu_features().get("f16c"))
 
 
-# --- int8 activations ---------------------------------------------------------------------------
+# --- activations quantized as llama.cpp quantizes them -------------------------------------------
+# ggml quantizes x to the weight type's vec_dot_type before every quantized product; matching
+# its integers and its f16 roundings is what makes our logits match llama.cpp's to ~1e-4.
+
+
+@intrinsic
+def f32_bits(typingctx, x):
+    """The IEEE bits of a float32 as uint32 (no conversion)."""
+    if x != types.float32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return types.uint32(x), codegen
+
+
+@intrinsic
+def _bits_f32(typingctx, bits):
+    """The low 32 bits of an integer as float32 (Numba widens uint32 arithmetic to 64 bits)."""
+    if not isinstance(bits, types.Integer) or bits.bitwidth < 32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        word = builder.trunc(args[0], ir.IntType(32)) if bits.bitwidth > 32 else args[0]
+        return builder.bitcast(word, ir.FloatType())
+
+    return types.float32(bits), codegen
+
+
+@intrinsic
+def _round_f16_f16c(typingctx, x):
+    if x != types.float32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.fpext(builder.fptrunc(args[0], ir.HalfType()), ir.FloatType())
+
+    return types.float32(x), codegen
+
+
+@njit(cache=True, inline="always")
+def _round_f16_portable(x):
+    """x rounded to the nearest f16 (ties to even), as float32: GGML_FP32_TO_FP16 then back."""
+    bits = f32_bits(x)
+    mag_bits = bits & np.uint32(0x7FFFFFFF)
+    if mag_bits >= np.uint32(0x7F800000):  # inf, nan
+        return x
+    if mag_bits >= np.uint32(0x477FF000):  # >= 65520: rounds to inf
+        return _bits_f32((bits & np.uint32(0x80000000)) | np.uint32(0x7F800000))
+    if mag_bits < np.uint32(0x38800000):  # below 2**-14: f16 subnormal, steps of 2**-24
+        return np.float32(np.rint(x * np.float32(2.0**24))) * np.float32(2.0**-24)
+    odd = (bits >> np.uint32(13)) & np.uint32(1)
+    return _bits_f32((bits + np.uint32(0xFFF) + odd) & np.uint32(0xFFFFE000))
+
+
+round_f16 = _round_f16_f16c if has_f16c() else _round_f16_portable
 
 
 @njit(cache=True)
-def _quantize_rows_q8(x, qx, dx, sx):
-    # x (n_rows, n), qx (n_rows, n), dx/sx (n_rows, n // 32); round half away like roundf
+def _quantize_rows_q8(x, qx, dx, sx, dsx):
+    """x (n_rows, n) -> qx (n_rows, n), dx, sx, dsx (n_rows, n // 32): quantize_row_q8_0 /
+    q8_1 of ggml-cpu's AVX2 path (id = 127/amax, round half to even, f16 d and s)."""
     for r in range(x.shape[0]):
         for b in range(dx.shape[1]):
             lo = b * QK_LEGACY
@@ -86,29 +147,77 @@ def _quantize_rows_q8(x, qx, dx, sx):
             for j in range(QK_LEGACY):
                 amax = max(amax, abs(x[r, lo + j]))
             d = amax / np.float32(127.0)
-            inv_d = np.float32(1.0) / d if d != 0 else np.float32(0.0)
+            inv = np.float32(127.0) / amax if amax != 0 else np.float32(0.0)
             total = 0
             for j in range(QK_LEGACY):
-                q = np.int32(np.round(x[r, lo + j] * inv_d))
+                q = np.int32(np.rint(x[r, lo + j] * inv))
                 qx[r, lo + j] = q
                 total += q
-            dx[r, b] = d
+            dx[r, b] = round_f16(d)
             sx[r, b] = total
+            dsx[r, b] = round_f16(d * np.float32(total))
 
 
-def quantize_x_q8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Activations to int8 per block of 32 (llama.cpp Q8_0/Q8_1 style, x float32 (..., n))."""
+def quantize_x_q8(x: np.ndarray):
+    """x float32 (..., n) -> (qx, dx, sx, dsx) as llama.cpp's Q8_0/Q8_1 activations."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     n = x.shape[-1]
     if n % QK_LEGACY:
         raise ValueError(f"int8 activations need a multiple of {QK_LEGACY} values, got {n}")
     rows = x.reshape(-1, n)
+    n_blocks = n // QK_LEGACY
     qx = np.empty(rows.shape, np.int8)  # (n_rows, n)
-    dx = np.empty((rows.shape[0], n // QK_LEGACY), np.float32)  # (n_rows, n_blocks)
-    sx = np.empty((rows.shape[0], n // QK_LEGACY), np.int32)  # (n_rows, n_blocks)
-    _quantize_rows_q8(rows, qx, dx, sx)
+    dx = np.empty((rows.shape[0], n_blocks), np.float32)  # (n_rows, n_blocks)
+    sx = np.empty((rows.shape[0], n_blocks), np.int32)  # (n_rows, n_blocks)
+    dsx = np.empty((rows.shape[0], n_blocks), np.float32)  # (n_rows, n_blocks)
+    _quantize_rows_q8(rows, qx, dx, sx, dsx)
     lead = x.shape[:-1]
-    return qx.reshape(x.shape), dx.reshape(*lead, -1), sx.reshape(*lead, -1)
+    return qx.reshape(x.shape), dx.reshape(*lead, -1), sx.reshape(*lead, -1), dsx.reshape(*lead, -1)
+
+
+@njit(cache=True, inline="always")
+def q8_k_iscale(x, lo, n):
+    """quantize_row_q8_K_ref's scale for x[lo:lo+n]: -127 / (the first x of largest |x|),
+    0 when all are zero. Then q = min(127, rint(iscale * x)) and d = 1 / iscale."""
+    amax, xmax = np.float32(0.0), np.float32(0.0)
+    for j in range(n):
+        ax = abs(x[lo + j])
+        if ax > amax:
+            amax, xmax = ax, x[lo + j]
+    return np.float32(-127.0) / xmax if amax != 0 else np.float32(0.0)
+
+
+@njit(cache=True, inline="always")
+def q8_k_quant(iscale, v):
+    return min(np.int32(127), np.int32(np.rint(iscale * v)))
+
+
+@njit(cache=True)
+def _q8_k_values(x, out, qk):
+    for r in range(x.shape[0]):
+        for lo in range(0, x.shape[1], qk):
+            iscale = q8_k_iscale(x[r], lo, qk)
+            d = np.float32(1.0) / iscale if iscale != 0 else np.float32(0.0)
+            for j in range(qk):
+                out[r, lo + j] = d * np.float32(q8_k_quant(iscale, x[r, lo + j]))
+
+
+def q8_0_values(x: np.ndarray) -> np.ndarray:
+    """x float32 (..., n) as the values d * q of its Q8_0 activation (float32, same shape): for
+    products that keep float kernels but must see what llama.cpp's int8 dot sees."""
+    qx, dx, _, _ = quantize_x_q8(x)
+    return (qx.reshape(*dx.shape, QK_LEGACY) * dx[..., None]).reshape(qx.shape)
+
+
+def q8_k_values(x: np.ndarray, qk: int) -> np.ndarray:
+    """x float32 (..., n) as the values d * q of its Q8_K activation (blocks of qk = 256)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.shape[-1] % qk:
+        raise ValueError(f"Q8_K activations need a multiple of {qk} values, got {x.shape[-1]}")
+    rows = x.reshape(-1, x.shape[-1])
+    out = np.empty_like(rows)  # (n_rows, n)
+    _q8_k_values(rows, out, qk)
+    return out.reshape(x.shape)
 
 
 # --- f16 scales ---------------------------------------------------------------------------------
