@@ -27,14 +27,17 @@ from bench._common import machine_lines, write_report  # noqa: E402
 from prima_ref import fetch  # noqa: E402
 
 # Defaults, each with its reason
-SPLITS = {1: [30], 2: [15, 15], 4: [8, 8, 7, 7]}  # SmolLM2's 30 layers, k=1, near-even
+# SmolLM2's 30 layers: k=1 near-even for 1, 2 and 4 ranks, and one k=3 ring (hops x 3)
+SPLITS = {"1": [30], "2": [15, 15], "4": [8, 8, 7, 7], "2, k=3": [5, 5]}
+N_LAYERS = 30
 N_PREDICT = 64  # enough decode steps for a stable median per token
 PROMPT = "Once upon a time, in a small village by the sea, there lived"
 CTX = 512
 THREADS = 1  # one thread per rank: the ranks share 2 cores and take turns
 PROBES = 500  # round trips per payload size for the hop overhead
 HOP_FLOATS = (576, 3584)  # SmolLM2's n_embd, and the issue's 3584-float activation (Qwen2-7B)
-RAM_READ_GBPS = 17.0  # shared/MODELS.md: one-thread memory read on this machine kind
+SAMPLING = {"seed": 0}  # prima-cli's default chain (temp 0.8, top-k 40, ...), seeded: what the
+# planner prices; the same logits give the same tokens, so ring runs still compare to 1 rank
 
 
 def decode_run(model, sizes, n_predict) -> dict:
@@ -46,15 +49,16 @@ def decode_run(model, sizes, n_predict) -> dict:
 
     def generate(engine):
         ids = engine.tokenizer.encode(PROMPT, add_special=True, parse_special=True)
-        out, t = engine.generate(ids, n_predict, Sampler(SamplingParams(temperature=0)))
+        out, t = engine.generate(ids, n_predict, Sampler(SamplingParams(**SAMPLING)))
         return {"tokens": out, "ms_per_token": t.eval_ms / max(t.eval_tokens, 1),
-                "eval_tps": t.eval_tps, "prompt_ms": t.prompt_ms}
+                "eval_tps": t.eval_tps, "prompt_ms": t.prompt_ms,
+                "mean_ctx": len(ids) + t.eval_tokens / 2}
 
     if len(sizes) == 1:
         engine = Engine(model, n_ctx=CTX)
         generate(engine)  # warm-up: compiled kernels loaded, pages in
         return generate(engine)
-    layout = Layout.from_window_sizes(sizes, 30)
+    layout = Layout.from_window_sizes(sizes, N_LAYERS)
     tmp = Path(tempfile.mkdtemp(prefix="bench-ring-"))
     plan = make_plan(model, layout, ctx=CTX, data_port=free_port_base(len(sizes)),
                      signal_port=free_port_base(len(sizes)))
@@ -80,88 +84,48 @@ def _hop_ms(head, n_floats: int, world: int) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# The planner's prediction for the same plans, from a profile of this machine
+# The planner's prediction for the same plans, from profile-tool's profile of this machine
 
 
-def measured_device(model_path, name: str, hop_ms: float) -> dict:
-    """A device profile of this machine: matvec speed per quant type on the model's own
-    tensors with prima_ref's kernels at THREADS threads, loopback as the network."""
-    import numpy as np
+def measure_profile(model, tmp: Path) -> dict:
+    """profile-tool on this machine at THREADS threads, the network measured to a
+    `profile-tool --listen` on loopback (what the ring's hops cross here)."""
+    import subprocess
 
-    from prima_ref.gguf_file import GGUFModel
-    from prima_ref.quants import kernels
+    from profiler.cli import main as profile_tool
+    from tests.ring_helpers import free_port_base
 
-    g = GGUFModel.open(model_path)
-    matvec = {}
-    for qtype in sorted({t.qtype.name for t in g.tensors.values() if t.n_rows > 1}):
-        info = max((t for t in g.tensors.values() if t.qtype.name == qtype), key=lambda t: t.n_bytes)
-        kern, rows = kernels(info.qtype), g.tensor_rows(info.name)
-        x = np.random.default_rng(0).standard_normal(info.n_cols).astype(np.float32)
-        kern.matvec(rows, x)
-        times = []
-        for _ in range(30):
-            t0 = time.perf_counter()
-            kern.matvec(rows, x)
-            times.append(time.perf_counter() - t0)
-        s = statistics.median(times)
-        matvec[qtype] = {"gbps": info.n_bytes / s / 1e9, "gflops": 2 * info.n_rows * info.n_cols / s / 1e9}
-    return {"schema": "prima-ref/device-profile", "schema_version": 1, "name": name,
-            "host": "127.0.0.1", "os": "linux",
-            "cpu": {"name": "this machine", "cores": THREADS, "kv_copy_ms_per_layer": 0.0,
-                    "matvec": matvec},
-            "memory": {"total_gib": 20, "available_gib": 16, "read_gbps": RAM_READ_GBPS},
-            "disk": {"seq_read_gbps": 2.0, "rnd_read_gbps": 0.4, "free_gib": 10},
-            "network": {"latency_ms": hop_ms, "bandwidth_gbps": 10.0}}
+    port = free_port_base(1)
+    listener = subprocess.Popen([sys.executable, "-m", "profiler.cli", "--listen", str(port),
+                                 "--bind", "127.0.0.1", "--listen-timeout", "60"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(1.0)  # the listener binds
+        out = tmp / "box.json"
+        rc = profile_tool(["-m", str(model), "-t", str(THREADS), "--no-disk", "--no-gpu",
+                           "--peer", f"127.0.0.1:{port}", "--name", "box", "-o", str(out)])
+        if rc not in (0, 1):  # 1: disk not measured, which --no-disk asks for
+            raise SystemExit(f"profile-tool failed with exit status {rc}")
+    finally:
+        listener.terminate()
+        listener.wait(10)
+    return json.loads(out.read_text())
 
 
-def whole_layer_device(model_path, name: str, hop_ms: float) -> dict:
-    """The same profile, but each quant type's speed taken from a whole decode step of the
-    engine (a layer's bytes over the time of one token through it; the output head for its
-    type), so Python and the non-matvec ops are counted as the engine pays them."""
-    import numpy as np
-
-    from prima_ref.gguf_file import GGUFModel
-    from prima_ref.model.transformer import Transformer
-
-    g = GGUFModel.open(model_path)
-    tr = Transformer(g, CTX)
-    ranges = g.layer_ranges()
-    layer_bytes = statistics.mean(e - s for s, e in ranges.values())
-    x = tr.embed([1])
-    pos = np.array([32])
-
-    def timed(f):
-        f()
-        ts = []
-        for _ in range(10):
-            t0 = time.perf_counter()
-            f()
-            ts.append(time.perf_counter() - t0)
-        return statistics.median(ts)
-
-    layer_s = timed(lambda: tr.forward_layers(x, pos, 0, tr.cfg.n_layer)) / tr.cfg.n_layer
-    head_s = timed(lambda: tr.logits(x))
-    doc = measured_device(model_path, name, hop_ms)
-    layer_q = g.tensors["blk.0.ffn_down.weight"].qtype.name
-    head_info = g.tensors["output.weight" if "output.weight" in g.tensors else "token_embd.weight"]
-    doc["cpu"]["matvec"][layer_q] = {"gbps": layer_bytes / layer_s / 1e9,
-                                     "gflops": doc["cpu"]["matvec"][layer_q]["gflops"]}
-    doc["cpu"]["matvec"][head_info.qtype.name] = {
-        "gbps": head_info.n_bytes / head_s / 1e9,
-        "gflops": doc["cpu"]["matvec"][head_info.qtype.name]["gflops"]}
-    return doc
-
-
-def predicted_ms(model_path, sizes, hop_ms: float, profile=measured_device) -> float:
+def predicted(model_path, profile: dict, sizes, ctx: int, matvec_only: bool = False):
+    """planner.latency.predict for the plan's split, every rank this machine's profile.
+    matvec_only: the profile as schema v1 had it (no measured decode steps)."""
     from planner.latency import Split, device_costs, fixed_ms, predict
     from planner.model_profile import load_model
     from planner.profiles import device_from_dict
 
     model = load_model(model_path)
-    one = profile(model_path, "box", hop_ms)
-    devices = [device_from_dict({**one, "name": f"rank{r}"}, "bench") for r in range(len(sizes))]
-    split = Split(k=30 // sum(sizes), w=tuple(sizes), n=tuple(0 for _ in sizes))
-    return predict(device_costs(devices, model, CTX), split, fixed_ms(devices[0], model)).total_ms
+    doc = json.loads(json.dumps(profile))
+    if matvec_only:
+        doc["cpu"]["decode"] = []
+    devices = [device_from_dict({**doc, "name": f"rank{r}"}, "bench") for r in range(len(sizes))]
+    split = Split(k=N_LAYERS // sum(sizes), w=tuple(sizes), n=tuple(0 for _ in sizes))
+    return predict(device_costs(devices, model, ctx), split, fixed_ms(devices[0], model))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,9 +135,9 @@ def main(argv=None) -> int:
     global PROBES
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--cgroup-mib", type=int, default=90,
-                    help="memory limit for the cgroup run (0: skip it)")
+    ap.add_argument("--no-cgroup", action="store_true", help="skip the cgroup memory-limit runs")
     args = ap.parse_args(argv)
+    t_start = time.perf_counter()
     n_predict = 24 if args.quick else N_PREDICT
     PROBES = 100 if args.quick else PROBES
     from prima_ref.quants import set_num_threads
@@ -181,10 +145,14 @@ def main(argv=None) -> int:
     set_num_threads(THREADS)
     model = fetch.fetch(fetch.SMOLLM2_Q4_1)
     lines = ["# Piped ring on loopback", "", *machine_lines(),
-             f"- model: {model.name}; greedy, {n_predict} tokens, ctx {CTX}, {THREADS} thread per rank, "
-             "every rank a process on this machine (they take turns on the same cores)", ""]
+             f"- model: {model.name}; {n_predict} tokens with prima-cli's default sampling "
+             f"chain seeded ({SAMPLING}), ctx {CTX}, {THREADS} thread per rank, every rank a "
+             "process on this machine (they take turns on the same cores)",
+             "- command: `flock /tmp/prima-bench.lock .venv/bin/python bench/ring.py`", ""]
+    tmp = Path(tempfile.mkdtemp(prefix="bench-ring-prof-"))
+    profile = measure_profile(model, tmp)
     results = {m: decode_run(model, sizes, n_predict) for m, sizes in SPLITS.items()}
-    ref = results[1]["tokens"]
+    ref = results["1"]["tokens"]
     lines += ["## Decode speed", "",
               "| ranks | windows (-lw) | ms per token | tok/s | same tokens as 1 rank |",
               "|---|---|---|---|---|"]
@@ -196,131 +164,158 @@ def main(argv=None) -> int:
     for m, r in results.items():
         for n, h in r.get("hop_ms", {}).items():
             lines.append(f"| {m} | {n} | {h['median']:.3f} | {h['p90']:.3f} |")
-    lines += ["", "Target: < 0.5 ms per hop for a 3584-float activation.", "",
-              "## Measured token latency vs the planner's prediction (same plan)", "",
-              "The device profile is measured here: matvec GB/s and GFLOP/s per quant type on the "
-              "model's own tensors with prima_ref's kernels, loopback hop latency from the probe, "
-              f"RAM read {RAM_READ_GBPS} GB/s (shared/MODELS.md, one thread).", "",
-              "Second column set: the profile's speeds taken from whole decode steps of the "
-              "engine instead (what a profiler of a Python engine should measure).", "",
-              "| ranks | measured ms | predicted ms (matvec profile) | error | predicted ms "
-              "(whole-layer profile) | error |", "|---|---|---|---|---|---|"]
-    for m, r in results.items():
-        hop = r["hop_ms"][576]["median"] if "hop_ms" in r else 0.0
-        row = f"| {m} | {r['ms_per_token']:.2f} "
-        for profile in (measured_device, whole_layer_device):
-            pred = predicted_ms(model, SPLITS[m], hop, profile)
-            row += f"| {pred:.2f} | {(r['ms_per_token'] - pred) / pred * 100:+.0f} % "
-        lines.append(row + "|")
-    lines += ["", "Target: within 25 %.", ""]
-    if args.cgroup_mib:
-        lines.append(cgroup_main(args.cgroup_mib, n_predict))
+    lines += ["", "Target: < 0.5 ms per hop for a 3584-float activation.", ""]
+    lines += prediction_lines(model, profile, results)
+    if not args.no_cgroup:
+        lines.append(cgroup_main(n_predict=8 if args.quick else 16))
+    lines += [f"Bench run time: {time.perf_counter() - t_start:.0f} s "
+              f"(load average at the end: {', '.join(f'{x:.2f}' for x in os.getloadavg())}).", ""]
     text = "\n".join(lines)
     print(text)
     write_report("ring.md", text)
     return 0
 
 
+def prediction_lines(model, profile: dict, results: dict) -> list[str]:
+    dec = profile["cpu"]["decode"][0]
+    ex = profile["extra"]["models"][0]["cpu_decode"]
+    lines = ["## Measured token latency vs the planner's prediction (same plan)", "",
+             "The device profile is profile-tool's, run on this machine just before "
+             f"(`profile-tool -m {model.name} -t {THREADS} --no-disk --peer 127.0.0.1:PORT`, "
+             "the peer a `profile-tool --listen` on loopback). Schema v2's `cpu.decode` holds "
+             f"whole decode steps: {dec['layer_ms']:.3f} ms per layer "
+             f"(Transformer.forward_layers at position {dec['n_ctx'] - 1}), fixed {dec['fixed_ms']:.2f} ms per token (embedding + "
+             f"output head {ex['head_ms']:.2f} ms, sampling {ex['sample_ms']:.2f} ms); network "
+             f"{profile['network']['latency_ms']:.3f} ms one way. Every rank is given this "
+             "profile; the prediction is planner.latency.predict for the plan's split at the "
+             "run's mean decode context (prompt + half the generated tokens).", "",
+             "Last columns: the same profile without `cpu.decode` (a v1 profile: layers priced "
+             "from matvec speeds), as the previous report had it.", "",
+             "| ranks | windows | k | measured ms | predicted ms | error | cpu / hop / fixed ms "
+             "| predicted ms (matvec only) | error |", "|---|---|---|---|---|---|---|---|---|"]
+    for m, r in results.items():
+        sizes = SPLITS[m]
+        ctx = round(r["mean_ctx"])
+        p2 = predicted(model, profile, sizes, ctx)
+        p1 = predicted(model, profile, sizes, ctx, matvec_only=True)
+        t = p2.terms_ms
+        meas = r["ms_per_token"]
+        err2 = (meas - p2.total_ms) / p2.total_ms * 100
+        lines.append(f"| {m} | {','.join(map(str, sizes))} | {N_LAYERS // sum(sizes)} | "
+                     f"{meas:.2f} | {p2.total_ms:.2f} | {err2:+.0f} % | "
+                     f"{t['cpu']:.1f} / {t['hop']:.2f} / {t['fixed']:.1f} | {p1.total_ms:.2f} | "
+                     f"{(meas - p1.total_ms) / p1.total_ms * 100:+.0f} % |")
+    return lines + ["", "Error = (measured - predicted) / predicted. Target: within 25 %.", ""]
+
 
 # ---------------------------------------------------------------------------------------------
 # A worker under a cgroup v1 memory limit well below its share of the weights
 
-
-def cgroup_dir() -> Path | None:
-    """A fresh child of this process's cgroup v1 memory controller, or None where not allowed."""
-    try:
-        for line in Path("/proc/self/cgroup").read_text().splitlines():
-            _, ctrl, path = line.split(":", 2)
-            if "memory" in ctrl.split(","):
-                d = Path("/sys/fs/cgroup/memory") / path.lstrip("/") / f"prima-ring-{os.getpid()}"
-                d.mkdir(exist_ok=True)
-                return d
-    except OSError:
-        return None
-    return None
+CG_WINDOWS = [1, 3]  # 32 layers: k=8, rank 1 serves 24 layers in 8 windows of 3
+CG_LIMIT_MIB = 200  # well below rank 1's ~370 MB share (and above Python's ~80 MB of its own)
 
 
-def cgroup_run(model, limit_mib: int, prefetch: bool, n_predict: int) -> dict:
-    """2 ranks, -lw 1,4 (k=6): rank 1 holds 24 layers in 6 windows, run inside the cgroup."""
+def cgroup_run(model, n_predict: int, limit_mib: int | None, prefetch: bool) -> dict:
+    """One 2-rank ring on the big synthetic model; rank 1 inside a fresh memory cgroup limited
+    to limit_mib (None: no cgroup), --release on, --prefetch as asked, page cache cold."""
+    import gc
+
     from prima_ref.engine import Engine
     from prima_ref.ring.launch import LocalRing
     from prima_ref.ring.topology import Layout, RingOptions, load_plan, make_plan
     from prima_ref.sampling import Sampler, SamplingParams
-    from tests.ring_helpers import free_port_base
+    from tests.ring_helpers import (
+        cgroup_remove,
+        cgroup_v1_child,
+        drop_page_cache,
+        free_port_base,
+        in_cgroup,
+    )
 
-    cg = cgroup_dir()
-    if cg is None:
-        raise SystemExit("no writable cgroup v1 memory controller here")
-    (cg / "memory.limit_in_bytes").write_text(str(limit_mib << 20))
+    cg = None
+    if limit_mib is not None:
+        cg = cgroup_v1_child("prima-ring-bench")
+        if cg is None:
+            raise RuntimeError("no writable cgroup v1 memory controller here")
+        (cg / "memory.limit_in_bytes").write_text(str(limit_mib << 20))
     tmp = Path(tempfile.mkdtemp(prefix="bench-ring-cg-"))
-    layout = Layout.from_window_sizes([1, 4], 30)
-    plan = make_plan(model, layout, ctx=CTX, data_port=free_port_base(2), signal_port=free_port_base(2))
+    layout = Layout.from_window_sizes(CG_WINDOWS, 32)
+    plan = make_plan(model, layout, ctx=CTX, data_port=free_port_base(2),
+                     signal_port=free_port_base(2))
     (tmp / "plan.json").write_text(json.dumps(plan))
     p = load_plan(tmp / "plan.json")
     flags = ["-t", str(THREADS), "--stats-json", str(tmp / "rank1.json"), "--release"]
     flags += ["--prefetch"] if prefetch else []
-    os.posix_fadvise(os.open(model, os.O_RDONLY), 0, 0, os.POSIX_FADV_DONTNEED)  # start cold
-    with LocalRing(model, tmp / "plan.json", ranks=[], log_dir=tmp) as ring:
-        ring.start(1, flags, prefix=["sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', str(cg)])
-        engine = Engine(model, n_ctx=CTX, ring=RingOptions(p.endpoints(0), p.layout, p.sha256))
-        try:
-            ids = engine.tokenizer.encode(PROMPT, add_special=True, parse_special=True)
-            out, t = engine.generate(ids, n_predict, Sampler(SamplingParams(temperature=0)))
-        finally:
-            engine.close()
-        ring.wait(10)
-    stats = json.loads((tmp / "rank1.json").read_text())
-    mstat = dict(line.split() for line in (cg / "memory.stat").read_text().splitlines())
-    res = {"tokens": out, "ms_per_token": t.eval_ms / max(t.eval_tokens, 1), "stats": stats,
-           "max_usage_mib": int((cg / "memory.max_usage_in_bytes").read_text()) / 2**20,
-           "failcnt": int((cg / "memory.failcnt").read_text()),
-           "pgmajfault": int(mstat.get("total_pgmajfault", 0)), "limit_mib": limit_mib}
-    cg.rmdir()
-    return res
+    gc.collect()
+    drop_page_cache(model)  # start cold: every run reads its weights from disk
+    try:
+        with LocalRing(model, tmp / "plan.json", ranks=[], log_dir=tmp) as ring:
+            ring.start(1, flags, prefix=in_cgroup(cg) if cg else ())
+            engine = Engine(model, n_ctx=CTX, ring=RingOptions(p.endpoints(0), p.layout, p.sha256))
+            try:
+                ids = engine.tokenizer.encode(PROMPT, add_special=True, parse_special=True)
+                out, t = engine.generate(ids, n_predict, Sampler(SamplingParams(temperature=0)))
+            finally:
+                engine.close()
+            codes = ring.wait(10)
+            if codes.get(1) != 0:
+                raise RuntimeError(f"rank 1 exited with {codes.get(1)}: {ring.log(1)[-2000:]}")
+        stats = json.loads((tmp / "rank1.json").read_text())
+        res = {"tokens": out, "ms_per_token": t.eval_ms / max(t.eval_tokens, 1), "stats": stats}
+        if cg is not None:
+            mstat = dict(line.split() for line in (cg / "memory.stat").read_text().splitlines())
+            res.update(max_usage_mib=int((cg / "memory.max_usage_in_bytes").read_text()) / 2**20,
+                       failcnt=int((cg / "memory.failcnt").read_text()),
+                       pgmajfault=int(mstat.get("total_pgmajfault", 0)))
+        return res
+    finally:
+        if cg is not None:
+            cgroup_remove(cg)
 
 
-def cgroup_main(limit_mib: int, n_predict: int) -> str:
-    model = fetch.fetch(fetch.SMOLLM2_Q4_1)
-    from prima_ref.quants import set_num_threads
+def cgroup_main(n_predict: int) -> str:
+    from tests.ring_helpers import BIG_SPEC, big_model, cgroup_v1_child
 
-    set_num_threads(THREADS)
-    free = cgroup_free_ref(model, n_predict)
-    runs = {pf: cgroup_run(model, limit_mib, pf, n_predict) for pf in (False, True)}
-    share = runs[False]["stats"]["share_bytes"] / 2**20
+    model = big_model()
+    probe = cgroup_v1_child("prima-ring-probe")
+    if probe is None:
+        return ("## One rank under a cgroup v1 memory limit\n\nSkipped: no writable cgroup v1 "
+                "memory controller at /sys/fs/cgroup/memory on this machine.\n")
+    probe.rmdir()
+    free = cgroup_run(model, n_predict, None, False)
+    runs = {pf: cgroup_run(model, n_predict, CG_LIMIT_MIB, pf) for pf in (False, True)}
+    share = free["stats"]["share_bytes"] / 2**20
     lines = ["## One rank under a cgroup v1 memory limit", "",
-             f"2 ranks, -lw 1,4 (k=6): rank 1 serves 24 layers ({share:.1f} MiB of weights) in 6 "
-             f"windows of 4, inside a memory cgroup limited to {limit_mib} MiB (anonymous memory "
-             "of the process plus its page cache). The Python process itself holds "
-             f"{runs[False]['stats']['anon_rss_max_bytes'] / 2**20:.0f} MiB of anonymous memory, "
-             f"which leaves ~{limit_mib - runs[False]['stats']['anon_rss_max_bytes'] / 2**20:.0f} MiB "
-             "of page cache for "
-             f"{share:.1f} MiB of weights; --release is on (it activates: share > free).", "",
-             "| prefetch | release active | same tokens as unlimited | ms per token | anon RSS max MiB | model pages "
-             "resident at end MiB | weights served MiB | cgroup max usage MiB | failcnt | major faults |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for pf, r in runs.items():
-        s = r["stats"]
-        lines.append(f"| {'on' if pf else 'off'} | {s['release_active']} | "
-                     f"{'yes' if r['tokens'] == free else 'NO'} | "
-                     f"{r['ms_per_token']:.1f} | {s['anon_rss_max_bytes'] / 2**20:.1f} | "
-                     f"{s['file_rss_end_bytes'] / 2**20:.1f} | {share:.1f} | {r['max_usage_mib']:.0f} | "
-                     f"{r['failcnt']} | {r['pgmajfault']} |")
-    lines += ["", "Memory pressure (anonymous RSS / weights served): "
-              + ", ".join(f"prefetch {'on' if pf else 'off'} "
-                          f"{r['stats']['anon_rss_max_bytes'] / r['stats']['share_bytes']:.2f}"
-                          for pf, r in runs.items())
-              + ". The weights live in the page cache, so the limit evicts and re-reads them "
-              "instead of killing the rank.", ""]
+             f"Model: {model.name} ({model.stat().st_size / 2**20:.0f} MiB; built by "
+             "tests/ring_helpers.big_model with prima_ref.derived.make_synthetic: llama, "
+             f"{BIG_SPEC['n_layer']} layers, n_embd {BIG_SPEC['n_embd']}, n_ff {BIG_SPEC['n_ff']}, "
+             f"every matrix Q8_0, SmolLM2's tokenizer cut to 4096 tokens). 2 ranks, -lw "
+             f"{','.join(map(str, CG_WINDOWS))} (k=8): rank 1 serves 24 layers ({share:.0f} MiB "
+             f"of weights) in 8 windows of 3. Limited runs: rank 1 inside a fresh memory cgroup "
+             f"(v1, `memory.limit_in_bytes` = {CG_LIMIT_MIB} MiB, which counts its anonymous "
+             "memory and the page cache it brings in). --release on (it activates when the "
+             f"share exceeds free memory); page cache dropped before each run; greedy, "
+             f"{n_predict} tokens, 1 thread per rank.", "",
+             "| run | prefetch | release active | same tokens as unlimited | ms per token | "
+             "anon RSS max MiB | weights served MiB | anon / served | model pages resident at "
+             "end MiB | cgroup max usage MiB | failcnt | major faults |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for label, pf, r in [("no limit", False, free)] + [(f"{CG_LIMIT_MIB} MiB", pf, r)
+                                                        for pf, r in runs.items()]:
+        st = r["stats"]
+        lines.append(
+            f"| {label} | {'on' if pf else 'off'} | {st['release_active']} | "
+            f"{'yes' if r['tokens'] == free['tokens'] else 'NO'} | {r['ms_per_token']:.1f} | "
+            f"{st['anon_rss_max_bytes'] / 2**20:.1f} | {share:.0f} | "
+            f"{st['anon_rss_max_bytes'] / st['share_bytes']:.2f} | "
+            f"{st['file_rss_end_bytes'] / 2**20:.1f} | "
+            f"{r.get('max_usage_mib', float('nan')):.0f} | {r.get('failcnt', '-')} | "
+            f"{r.get('pgmajfault', '-')} |")
+    lines += ["", f"The limit is {CG_LIMIT_MIB / share * 100:.0f} % of the weights rank 1 serves; "
+              "the weights live in the page cache (never in anonymous memory), so the limit "
+              "evicts and re-reads them instead of killing the rank. tests/test_ring_memory.py "
+              "checks the token equality.", ""]
     return "\n".join(lines)
-
-
-def cgroup_free_ref(model, n_predict: int) -> list[int]:
-    from prima_ref.engine import Engine
-    from prima_ref.sampling import Sampler, SamplingParams
-
-    engine = Engine(model, n_ctx=CTX)
-    ids = engine.tokenizer.encode(PROMPT, add_special=True, parse_special=True)
-    return engine.generate(ids, n_predict, Sampler(SamplingParams(temperature=0)))[0]
 
 
 if __name__ == "__main__":

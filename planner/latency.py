@@ -7,7 +7,10 @@ the tests can check the ILP against brute force over the same model.
 A split is (k, w, n): k rounds per token; device m runs w_m layers per round, the last n_m of
 them on its GPU, so it holds l_m = k*w_m layers. Token latency (ms):
 
-    T = sum_m [ k*(w_m - n_m)*cpu_m + k*n_m*gpu_m      compute, per layer: max(FLOPs/GFLOPS,
+    T = sum_m [ k*(w_m - n_m)*cpu_m + k*n_m*gpu_m      compute, per layer: measured whole
+                                                        decode steps of this model (profile
+                                                        v2 cpu.decode) + attention beyond the
+                                                        timed position; else max(FLOPs/GFLOPS,
                                                         bytes/matvec GB/s, bytes/RAM GB/s)
                                                         + attention over the KV cache + KV copy
               + reread_m * ms_per_gib_m                 disk: bytes re-read per token, by OS case
@@ -125,8 +128,7 @@ def device_costs(devices: list[DeviceProfile], model: ModelProfile, ctx: int) ->
 
 
 def _device_cost(d: DeviceProfile, model: ModelProfile, ctx: int, is_rank0: bool) -> DeviceCost:
-    cpu_ms = _layer_ms(d, model, ctx, d.cpu_matvec, d.memory.read_gbps, "cpu.matvec")
-    cpu_ms += d.kv_copy_ms_per_layer
+    cpu_ms = cpu_layer_ms(d, model, ctx)
     gpu_ms, vram = cpu_ms, 0.0
     if d.gpu is not None:
         gpu_ms = _layer_ms(d, model, ctx, d.gpu.matvec, d.gpu.bandwidth_gbps, "gpu.matvec")
@@ -144,13 +146,30 @@ def _device_cost(d: DeviceProfile, model: ModelProfile, ctx: int, is_rank0: bool
         vram_budget_gib=vram, is_rank0=is_rank0)
 
 
+def cpu_layer_ms(d: DeviceProfile, model: ModelProfile, ctx: int) -> float:
+    """a_m: one layer on the CPU at context ctx. From measured whole decode steps of this model
+    (profile v2 `cpu.decode`: everything the engine does per layer, KV store included) plus the
+    attention over the context beyond the position it was timed at; else from matvec speeds."""
+    measured = d.decode_for(model)
+    if measured is not None:
+        extra_ctx = max(0, ctx - measured.n_ctx)
+        return measured.layer_ms + _attn_s(d, model, extra_ctx, d.cpu_matvec,
+                                           d.memory.read_gbps, "cpu.matvec") * 1e3
+    return (_layer_ms(d, model, ctx, d.cpu_matvec, d.memory.read_gbps, "cpu.matvec")
+            + d.kv_copy_ms_per_layer)
+
+
 def _layer_ms(d: DeviceProfile, model: ModelProfile, ctx: int, matvec: dict[str, Throughput],
               mem_gbps: float, where: str) -> float:
     weights_s = _group_s(d, model.layer, matvec, mem_gbps, where)
+    return (weights_s + _attn_s(d, model, ctx, matvec, mem_gbps, where)) * 1e3
+
+
+def _attn_s(d: DeviceProfile, model: ModelProfile, ctx: int, matvec: dict[str, Throughput],
+            mem_gbps: float, where: str) -> float:
     attn = _lookup(d, matvec, "F16", where, fallback_min=True)
-    attn_s = max(model.attn_flops_per_token_per_ctx_per_layer * ctx / (attn.gflops * 1e9),
-                 model.kv_bytes_per_token_per_layer * ctx / (mem_gbps * 1e9))
-    return (weights_s + attn_s) * 1e3
+    return max(model.attn_flops_per_token_per_ctx_per_layer * ctx / (attn.gflops * 1e9),
+               model.kv_bytes_per_token_per_layer * ctx / (mem_gbps * 1e9))
 
 
 def _group_s(d: DeviceProfile, group: TensorGroup, matvec: dict[str, Throughput],
@@ -204,7 +223,11 @@ def _buffers_gib(model: ModelProfile, ctx: int, is_rank0: bool) -> float:
 
 
 def fixed_ms(rank0: DeviceProfile, model: ModelProfile) -> float:
-    """Rank 0's work once per token: output layer on its CPU, embedding row, sampling."""
+    """kappa, rank 0's work once per token: output layer on its CPU, embedding row, sampling;
+    measured as a whole when the profile has decode steps of this model (schema v2)."""
+    measured = rank0.decode_for(model)
+    if measured is not None:
+        return measured.fixed_ms
     ram = rank0.memory.read_gbps
     out_s = _group_s(rank0, model.output, rank0.cpu_matvec, ram, "cpu.matvec")
     row_s = model.input.n_bytes / model.n_vocab / (ram * 1e9)

@@ -24,7 +24,11 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 1  # model profiles, clusters, plans
+# Device profiles: v2 adds the optional `cpu.decode` (whole decode steps per model); v1 files,
+# which lack it, still load and are priced from their matvec speeds as before.
+DEVICE_SCHEMA_VERSION = 2
+DEVICE_SCHEMA_VERSIONS = (1, 2)
 DEVICE_SCHEMA = "prima-ref/device-profile"
 MODEL_SCHEMA = "prima-ref/model-profile"
 CLUSTER_SCHEMA = "prima-ref/cluster"
@@ -46,6 +50,24 @@ class Throughput:
 
     gbps: float
     gflops: float
+
+
+@dataclass(frozen=True)
+class DecodeCost:
+    """Measured whole decode steps of one model on this device (profile-tool's decode.py):
+    what the engine pays per layer and for rank 0's fixed work, non-matvec work included."""
+
+    model: str  # model name, with n_layers and layer_bytes it identifies the file's quant mix
+    n_layers: int
+    layer_bytes: float  # weight bytes of the average layer
+    layer_ms: float  # one token through the average layer, KV store included
+    fixed_ms: float  # embedding row + output norm and head + sampling
+    n_ctx: int  # KV entries the timed token's attention read (its position + 1)
+    n_threads: int
+
+    def matches(self, model: ModelProfile) -> bool:
+        return (self.model == model.name and self.n_layers == model.n_layers
+                and abs(self.layer_bytes - model.layer.n_bytes) <= 1e-6 * model.layer.n_bytes)
 
 
 @dataclass(frozen=True)
@@ -98,6 +120,10 @@ class DeviceProfile:
     network: Network
     gpu: Gpu | None = None
     source: str = ""  # where it was read from, for error messages
+    decode: tuple[DecodeCost, ...] = ()  # measured decode steps, per model (schema v2)
+
+    def decode_for(self, model: ModelProfile) -> DecodeCost | None:
+        return next((d for d in self.decode if d.matches(model)), None)
 
     @property
     def gpu_backend(self) -> str:
@@ -220,14 +246,16 @@ class _Fields:
                                f"(known here: {known}; put free-form data under 'extra')")
 
 
-def _check_schema(f: _Fields, schema: str) -> None:
+def _check_schema(f: _Fields, schema: str, versions: tuple[int, ...] = (SCHEMA_VERSION,)) -> int:
     found = f.text("schema")
     if found != schema:
         raise f.fail("schema", f"expected {schema!r}, found {found!r}")
     version = f.integer("schema_version", minimum=1)
-    if version != SCHEMA_VERSION:
-        raise f.fail("schema_version", f"this prima-plan reads version {SCHEMA_VERSION}, "
+    if version not in versions:
+        readable = " or ".join(map(str, versions))
+        raise f.fail("schema_version", f"this prima-plan reads version {readable}, "
                      f"found {version}; re-run profile-tool or update prima-ref")
+    return version
 
 
 def _throughputs(f: _Fields, key: str) -> dict[str, Throughput]:
@@ -254,7 +282,7 @@ def _number_table(f: _Fields, key: str) -> dict[str, float]:
 
 def device_from_dict(data: dict, source: str) -> DeviceProfile:
     f = _Fields(data, source)
-    _check_schema(f, DEVICE_SCHEMA)
+    version = _check_schema(f, DEVICE_SCHEMA, DEVICE_SCHEMA_VERSIONS)
     name = f.text("name")
     os_name = f.text("os", choices=OS_NAMES)
     cpu, mem, disk, net = f.obj("cpu"), f.obj("memory"), f.obj("disk"), f.obj("network")
@@ -264,10 +292,29 @@ def device_from_dict(data: dict, source: str) -> DeviceProfile:
         cpu_matvec=_throughputs(cpu, "matvec"),
         kv_copy_ms_per_layer=cpu.num("kv_copy_ms_per_layer", 0.0),
         memory=_memory(mem), disk=_disk(disk), network=_network(net),
-        gpu=_gpu(f.obj("gpu", None), os_name), source=source)
+        gpu=_gpu(f.obj("gpu", None), os_name), source=source,
+        decode=_decode(cpu) if version >= 2 else ())
     for part in (cpu, mem, disk, net, f):
         part.check_no_unknown()
     return device
+
+
+def _decode(cpu: _Fields) -> tuple[DecodeCost, ...]:
+    entries = cpu.raw("decode", [])
+    if not isinstance(entries, list):
+        raise cpu.fail("decode", "expected a list of per-model decode entries")
+    out = []
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise cpu.fail(f"decode[{i}]", "expected an object")
+        e = _Fields(entry, cpu.source, f"{cpu.prefix}decode[{i}].")
+        out.append(DecodeCost(model=e.text("model"), n_layers=e.integer("n_layers", minimum=1),
+                              layer_bytes=e.num("layer_bytes", positive=True),
+                              layer_ms=e.num("layer_ms", positive=True),
+                              fixed_ms=e.num("fixed_ms"), n_ctx=e.integer("n_ctx", minimum=1),
+                              n_threads=e.integer("n_threads", minimum=1)))
+        e.check_no_unknown()
+    return tuple(out)
 
 
 def _memory(f: _Fields) -> Memory:

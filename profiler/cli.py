@@ -59,6 +59,8 @@ def _parser() -> argparse.ArgumentParser:
                    "fio is installed")
     p.add_argument("--no-disk", action="store_true", help="skip the disk test")
     p.add_argument("--no-gpu", action="store_true", help="do not look for a GPU")
+    p.add_argument("--no-decode", action="store_true", help="skip timing whole decode steps "
+                   "(the planner then prices layers from matvec speeds alone)")
     p.add_argument("--listen", type=int, metavar="PORT", help="serve network probes for a "
                    "--peer on another device, then exit")
     p.add_argument("--bind", default="0.0.0.0", help="address --listen binds (default all)")
@@ -160,7 +162,7 @@ def _profile(args) -> int:
     # disk figures do not depend on them
     disk, target, disk_reason = _profile_disk(args, infos[0], s)
 
-    models = [_profile_model(info, threads, s) for info in infos]
+    models = [_profile_model(info, threads, s, decode=not args.no_decode) for info in infos]
 
     log(f"RAM read bandwidth ({s.ram_buffer_mib} MiB) ...")
     ram = compute.ram_bandwidth(s.ram_buffer_mib, threads, s.repeats)
@@ -201,8 +203,9 @@ def _profile(args) -> int:
     return 0 if disk is not None or args.no_disk else 1
 
 
-def _profile_model(info, threads: int, s: Settings):
+def _profile_model(info, threads: int, s: Settings, decode: bool = True):
     from profiler import compute, report
+    from profiler.decode import decode_profile
 
     p = info.profile
     log(f"model {info.label}: {p.n_layers} layers, types "
@@ -219,7 +222,15 @@ def _profile_model(info, threads: int, s: Settings):
     kv = compute.kv_copy_ms(p.n_head_kv, p.head_dim, p.n_layers, s.repeats, s.sample_s / 4)
     lookup = compute.input_lookup_ms(info.path, s.repeats, s.sample_s / 4)
     log(f"KV copy: {kv.fmt(4)} ms per layer")
-    return report.ModelRun(info=info, matvec=matvec, kv_copy_ms=kv, input_lookup_ms=lookup)
+    steps = None
+    if decode:
+        steps = decode_profile(info.path, threads=threads, repeats=s.repeats,
+                               max_bytes=s.matvec_max_mib << 20, min_seconds=s.sample_s)
+        log(f"decode: {steps.layer_ms:.3f} ms per layer ({len(steps.mixes)} quant mixes), "
+            f"fixed {steps.fixed_ms:.3f} ms (head {steps.head_ms.mean:.3f}, sampling "
+            f"{steps.sample_ms.mean:.3f})")
+    return report.ModelRun(info=info, matvec=matvec, kv_copy_ms=kv, input_lookup_ms=lookup,
+                           decode=steps)
 
 
 def _profile_disk(args, info, s: Settings):

@@ -1,6 +1,6 @@
 """What a run produces: the device-profile JSON that prima-plan reads, and tables for people.
 
-The JSON is planner.profiles' "prima-ref/device-profile", schema_version 1 (planner/README.md).
+The JSON is planner.profiles' "prima-ref/device-profile", schema_version 2 (planner/README.md).
 Fields the planner reads carry the means; everything else (std, samples' settings, the
 models' figures, which method measured what, hostname, timestamp, tool version) goes under
 "extra", with the unit in every field name as in the planner's fields.
@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from planner.profiles import DEVICE_SCHEMA, SCHEMA_VERSION
+from planner.profiles import DEVICE_SCHEMA, DEVICE_SCHEMA_VERSION
 from profiler.compute import MatvecResult, RamBandwidth
+from profiler.decode import DecodeResult, decode_entry, decode_extra
 from profiler.disk import DiskResult, DiskTarget
 from profiler.gpu import GpuInfo
 from profiler.model import ModelInfo, model_summary, ms_per_layer
@@ -34,6 +35,7 @@ class ModelRun:
     matvec: dict[str, MatvecResult]
     kv_copy_ms: Stat
     input_lookup_ms: Stat | None
+    decode: DecodeResult | None = None  # whole decode steps (None: --no-decode)
 
     def ms_per_layer(self) -> float:
         gbps = {q: r.gbps.mean for q, r in self.matvec.items()}
@@ -74,12 +76,14 @@ def device_profile(run: DeviceRun) -> dict:
     disk = run.disk
     net = run.network
     return {
-        "schema": DEVICE_SCHEMA, "schema_version": SCHEMA_VERSION,
+        "schema": DEVICE_SCHEMA, "schema_version": DEVICE_SCHEMA_VERSION,
         "name": run.name, "host": run.host, "os": run.os,
         "cpu": {"name": run.cpu_name, "cores": run.cores.usable,
                 "kv_copy_ms_per_layer": run.models[0].kv_copy_ms.mean,
                 "matvec": {q: {"gbps": r.gbps.mean, "gflops": r.gflops.mean}
-                           for q, r in matvec.items()}},
+                           for q, r in matvec.items()},
+                "decode": [decode_entry(m.decode, m.info.profile) for m in run.models
+                           if m.decode is not None]},
         "memory": {"total_gib": run.memory.total_gib,
                    "available_gib": run.memory.available_gib,
                    "read_gbps": run.ram.all_threads_gbps.mean,
@@ -197,6 +201,8 @@ def _model_extra(m: ModelRun) -> dict:
     out["cpu_ms_per_layer"] = m.ms_per_layer()
     out["cpu_output_ms"] = m.output_ms()
     out["kv_copy_ms_per_layer"] = m.kv_copy_ms.mean
+    if m.decode is not None:
+        out["cpu_decode"] = decode_extra(m.decode)
     if m.input_lookup_ms is not None:
         out["input_lookup_ms"] = m.input_lookup_ms.mean
     return out
@@ -250,6 +256,15 @@ def device_table(run: DeviceRun, digits: int = 2) -> str:
             f"{m.ms_per_layer():.3f}")
         row(m.info.label, "CPU ms output layer", f"{m.output_ms():.3f}")
         row(m.info.label, "KV copy ms per layer", m.kv_copy_ms.fmt(4), 1)
+        if m.decode is not None:
+            d = m.decode
+            for mix in d.mixes:
+                types = "+".join(sorted({q for _, q in mix.mix}))
+                row(m.info.label, f"decode ms per layer, {types} ({mix.n_layers} layers, "
+                    f"{mix.n_timed} timed, pos {d.pos})", mix.layer_ms.fmt(3))
+            row(m.info.label, "decode ms embedding + output head", d.head_ms.fmt(3))
+            row(m.info.label, "decode ms sampling (default chain / greedy)",
+                f"{d.sample_ms.fmt(3)} / {d.sample_greedy_ms.mean:.3f}", 1)
         if m.input_lookup_ms is not None:
             row(m.info.label, "embedding row lookup ms", m.input_lookup_ms.fmt(4), 1)
     row("-", f"RAM read GB/s ({run.ram.buffer_mib:.0f} MiB)", run.ram.all_threads_gbps.fmt())

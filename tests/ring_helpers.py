@@ -114,3 +114,67 @@ class Children:
 def load_dump(path: Path) -> tuple[np.ndarray, np.ndarray]:
     d = np.load(path)
     return d["tokens"], d["logits"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory pressure: a model whose weights dwarf the interpreter, and a cgroup v1 memory limit
+
+# llama, 32 layers of 15.4 MB (Q8_0), separate Q8_0 head: ~490 MB, so under a limit of a few
+# hundred MB the weights, not Python's ~80 MB of anonymous memory, decide what fits
+BIG_SPEC = dict(name="synth-llama-q8_0-32x1024", arch="llama", seed=7, pre="smollm",
+                layer_types=("Q8_0",), embd_type="Q8_0", output_type="Q8_0", n_layer=32,
+                n_embd=1024, n_ff=4096, n_head=16, n_head_kv=4, rope_base=10000.0, rms_eps=1e-5)
+
+
+def big_model() -> Path:
+    """The synthetic ~490 MB model, built once with prima_ref.derived into the model cache."""
+    from prima_ref import fetch
+    from prima_ref.derived import SyntheticSpec, make_synthetic
+
+    path = fetch.cache_dir() / f"{BIG_SPEC['name']}.gguf"
+    if not path.exists():
+        make_synthetic(path, SyntheticSpec(**BIG_SPEC))
+    return path
+
+
+def cgroup_v1_child(name: str) -> Path | None:
+    """A new child of this process's cgroup v1 memory controller, or None where there is none
+    or it is not writable (CI containers); remove it with cgroup_remove."""
+    try:
+        for line in Path("/proc/self/cgroup").read_text().splitlines():
+            _, controllers, path = line.split(":", 2)
+            if "memory" in controllers.split(","):
+                base = Path("/sys/fs/cgroup/memory") / path.lstrip("/")
+                if not (base / "memory.limit_in_bytes").exists():
+                    return None
+                child = base / f"{name}-{os.getpid()}"
+                child.mkdir(exist_ok=True)
+                (child / "memory.limit_in_bytes").write_text(str(1 << 62))  # writable?
+                return child
+    except OSError:
+        return None
+    return None
+
+
+def cgroup_remove(child: Path) -> None:
+    """Remove a cgroup made by cgroup_v1_child once its processes have exited."""
+    for _ in range(50):
+        try:
+            child.rmdir()
+            return
+        except OSError:
+            time.sleep(0.1)
+
+
+def in_cgroup(child: Path) -> list[str]:
+    """Command prefix that moves the command into the cgroup before it starts."""
+    return ["sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', str(child)]
+
+
+def drop_page_cache(path) -> None:
+    """Evict a file's unmapped pages, so the next reader starts cold and pays for its pages."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)

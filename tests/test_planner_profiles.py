@@ -71,7 +71,7 @@ _DELETE = object()
     ("memory.read_gbps", "fast", "field 'memory.read_gbps': expected a finite number"),
     ("disk.seq_read_gbps", 0, "field 'disk.seq_read_gbps': expected a number > 0"),
     ("os", "beos", "field 'os': expected one of linux, macos, android, windows"),
-    ("schema_version", 2, "field 'schema_version': this prima-plan reads version 1"),
+    ("schema_version", 3, "field 'schema_version': this prima-plan reads version 1 or 2"),
     ("memory.availabe_gib", 3, "unknown field 'memory.availabe_gib'"),
     ("gpu.has_metal", True, "field 'gpu.is_cuda': exactly one of is_cuda and has_metal"),
     ("memory.available_gib", 99, "field 'memory.available_gib': 99.0 GiB available exceeds"),
@@ -236,3 +236,67 @@ def test_the_device_profile_example_in_the_readme_loads(tmp_path):
     example = section.split("```json", 1)[1].split("```", 1)[0]
     (device,) = load_devices([write(tmp_path, "readme.json", json.loads(example))])
     assert device.name == "desktop-2080ti" and device.gpu.is_cuda
+
+
+# ---------------------------------------------------------------------------------------------
+# Schema v2: measured whole decode steps (cpu.decode) price a_m and kappa for their model
+
+
+def _decode_entry(model, **over):
+    return {"model": model.name, "n_layers": model.n_layers, "layer_bytes": model.layer.n_bytes,
+            "layer_ms": 0.5, "fixed_ms": 3.0, "n_ctx": 33, "n_threads": 1, **over}
+
+
+def test_v1_profiles_still_load_and_price_from_matvec(tmp_path):
+    model = llama_like("m", n_layers=8, n_embd=512, n_ff=1024, n_head=8, n_head_kv=8,
+                       n_vocab=1000, qtype="Q4_K")
+    (v1,) = load_devices([write(tmp_path, "v1.json", valid_device())])
+    assert v1.decode == () and v1.decode_for(model) is None
+    doc = valid_device()
+    doc["schema_version"] = 2  # v2 without decode entries prices exactly as v1
+    (v2,) = load_devices([write(tmp_path, "v2.json", doc)])
+    assert latency.cpu_layer_ms(v1, model, 256) == latency.cpu_layer_ms(v2, model, 256)
+    assert latency.fixed_ms(v1, model) == latency.fixed_ms(v2, model)
+
+
+def test_decode_entry_sets_layer_cost_and_fixed_cost_for_its_model_only(tmp_path):
+    model = llama_like("m", n_layers=8, n_embd=512, n_ff=1024, n_head=8, n_head_kv=8,
+                       n_vocab=1000, qtype="Q4_K")
+    other = llama_like("m", n_layers=8, n_embd=512, n_ff=1024, n_head=8, n_head_kv=8,
+                       n_vocab=1000, qtype="Q8_0")  # same name, another quant mix
+    doc = valid_device()
+    doc["schema_version"] = 2
+    doc["cpu"]["decode"] = [_decode_entry(model)]
+    (d,) = load_devices([write(tmp_path, "v2.json", doc)])
+    assert d.decode_for(model).layer_ms == 0.5 and d.decode_for(other) is None
+    # at the timed position nothing is added; beyond it, attention over the extra context
+    assert latency.cpu_layer_ms(d, model, 33) == 0.5
+    attn_ms = latency._attn_s(d, model, 1000 - 33, d.cpu_matvec, d.memory.read_gbps, "x") * 1e3
+    assert latency.cpu_layer_ms(d, model, 1000) == pytest.approx(0.5 + attn_ms)
+    assert attn_ms > 0
+    assert latency.fixed_ms(d, model) == 3.0
+    doc["cpu"]["decode"] = []
+    (v1_like,) = load_devices([write(tmp_path, "v2b.json", doc)])
+    assert latency.cpu_layer_ms(d, other, 256) == latency.cpu_layer_ms(v1_like, other, 256)
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"layer_ms": 0}, "field 'cpu.decode[0].layer_ms': expected a number > 0"),
+    ({"n_ctx": 0}, "field 'cpu.decode[0].n_ctx': expected an integer >= 1"),
+    ({"layer_msec": 1}, "unknown field 'cpu.decode[0].layer_msec'"),
+])
+def test_bad_decode_entry_names_the_field(tmp_path, entry, message):
+    model = llama_like("m", n_layers=8, n_embd=512, n_ff=1024, n_head=8, n_head_kv=8,
+                       n_vocab=1000, qtype="Q4_K")
+    doc = valid_device()
+    doc["schema_version"] = 2
+    doc["cpu"]["decode"] = [_decode_entry(model, **entry)]
+    with pytest.raises(ProfileError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        load_devices([write(tmp_path, "bad.json", doc)])
+
+
+def test_decode_entries_in_a_v1_profile_are_an_unknown_field(tmp_path):
+    doc = valid_device()
+    doc["cpu"]["decode"] = []
+    with pytest.raises(ProfileError, match="unknown field 'cpu.decode'"):
+        load_devices([write(tmp_path, "v1.json", doc)])

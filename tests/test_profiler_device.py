@@ -291,3 +291,54 @@ def test_run_inside_a_cgroup_v1_limit_reports_the_limit_as_available(smollm2_pat
     # fresh cgroup holding only profile-tool, the limit less a little kernel memory
     assert 2.0 - 64 / 1024 <= d["memory"]["available_gib"] <= 2.0
     assert not group.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole decode steps (cpu.decode, schema v2)
+
+
+def test_quick_profile_holds_decode_steps_the_planner_uses(quick_run, smollm2_path):
+    from planner import latency
+    from planner.model_profile import profile_from_gguf
+
+    [device] = load_devices([quick_run["path"]])
+    model = profile_from_gguf(smollm2_path, with_sha256=False)
+    entry = device.decode_for(model)
+    assert entry is not None and entry.layer_ms > 0 and entry.fixed_ms > 0
+    assert latency.fixed_ms(device, model) == entry.fixed_ms
+    assert latency.cpu_layer_ms(device, model, entry.n_ctx) == entry.layer_ms
+    mixes = quick_run["json"]["extra"]["models"][0]["cpu_decode"]["mixes"]
+    assert [(m["types"], m["n_layers"]) for m in mixes] == [(["F32", "Q4_1"], 30)]
+
+
+def test_layer_mixes_group_every_layer_of_a_mixed_file(gemma3_path):
+    from prima_ref.gguf_file import GGUFModel
+    from profiler.decode import layer_mixes
+
+    with GGUFModel.open(gemma3_path) as g:
+        mixes = layer_mixes(g)
+        n_layers = 1 + max(int(t.split(".")[1]) for t in g.tensors if t.startswith("blk."))
+    assert sorted(il for ids in mixes.values() for il in ids) == list(range(n_layers))
+    assert len(mixes) > 1  # Q4_K_M: some layers carry Q6_K or Q8_0 tensors, the rest do not
+
+
+def test_decode_step_is_within_2x_of_timing_a_whole_forward_by_hand(smollm2_path):
+    """layers x layer_ms + head_ms against Transformer.forward of one token, 1 thread."""
+    from prima_ref.gguf_file import GGUFModel
+    from prima_ref.model.transformer import Transformer
+    from profiler.decode import decode_profile
+
+    ours = decode_profile(smollm2_path, threads=1, repeats=3, max_bytes=1 << 30,
+                          min_seconds=0.1)
+    with GGUFModel.open(smollm2_path) as g:
+        tr = Transformer(g, 64)
+        tr.forward([1], 32)
+        seconds = []
+        for i in range(7):
+            t0 = time.perf_counter()
+            tr.forward([1 + i], 32)
+            seconds.append(time.perf_counter() - t0)
+    by_hand_ms = float(np.median(seconds)) * 1e3
+    ours_ms = 30 * ours.layer_ms + ours.head_ms.mean
+    assert by_hand_ms / 2 < ours_ms < by_hand_ms * 2
+    assert ours.sample_greedy_ms.mean < ours.sample_ms.mean  # argmax vs the full chain
