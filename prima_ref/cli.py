@@ -82,6 +82,10 @@ def _ring_flags(g) -> None:
     g.add_argument("--release", nargs="?", const="auto", choices=["auto", "always"], default=None,
                    help="drop a finished window from memory (auto: when this rank's share exceeds "
                    "its free memory)")
+    g.add_argument("--curve", nargs="?", const="", default=None, metavar="KEYFILE",
+                   help="encrypt and authenticate the ring with CurveZMQ; every rank needs the "
+                   "same key file (default ~/.cache/prima-ref/ring-curve.key, made on first use; "
+                   "`python -m prima_ref.ring.curve FILE` makes one)")
     g.add_argument("--ring-timeout", type=float, default=60.0, help="seconds the ring may take to form")
     g.add_argument("--heartbeat-timeout", type=float, default=2.0,
                    help="seconds of silence after which a rank counts as dead")
@@ -153,9 +157,30 @@ def ring_options(args, path: Path):
         return None
     if args.gpu_layers:
         print("[ring] -ngl ignored: this build has no GPU backend", file=sys.stderr)
+    ep = _with_curve(ep, args.curve)
     return RingOptions(ep, layout, sha, prefetch=args.prefetch, force=args.force,
                        release=args.release, join_timeout_s=args.ring_timeout,
                        heartbeat_timeout_s=args.heartbeat_timeout, stats_json=args.stats_json)
+
+
+def _with_curve(ep, curve_arg):
+    """The ring's CurveZMQ key on the endpoints (--curve), or a warning when a rank binds
+    beyond loopback in the clear."""
+    import dataclasses
+
+    from prima_ref.ring.curve import CurveKeyError, keys_for
+    from prima_ref.ring.topology import RingSetupError
+
+    try:
+        keys = keys_for(curve_arg)
+    except CurveKeyError as err:
+        raise RingSetupError(str(err)) from None
+    if keys is None:
+        if ep.bind_host != "127.0.0.1":
+            print("[ring] warning: this rank listens on every interface without encryption; "
+                  "add --curve KEYFILE (the same file on every device)", file=sys.stderr)
+        return ep
+    return dataclasses.replace(ep, curve=keys)
 
 
 def _n_layers(path: Path) -> int:

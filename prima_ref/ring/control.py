@@ -16,6 +16,7 @@ import time
 
 import zmq
 
+from prima_ref.ring import curve
 from prima_ref.ring import protocol as P
 from prima_ref.ring.topology import Endpoints
 
@@ -35,7 +36,20 @@ class _ControlThread(threading.Thread):
         self.outbox: queue.Queue = queue.Queue()
         self.done = threading.Event()
         self.failure: BaseException | None = None
+        self.keys = ep.curve
+        if self.keys is not None:  # before the first socket: every socket of ctx uses curve
+            curve.use(ctx, self.keys)
+        self.zap = curve.zap_socket(ctx)  # None without curve
+        self.monitors: dict = {}  # handshake monitor -> what its socket is, for messages
         self.pull = P.control_pull(ctx, f"tcp://{ep.bind_host}:{ep.signal_ports[ep.rank]}")
+        self.watch(self.pull, f"rank {ep.rank}'s signal port", link=False)
+
+    def watch(self, s, label: str, link: bool = True) -> None:
+        """Report s's failed handshakes; link: s connects to a ring peer (else it binds, and
+        anyone may knock on it)."""
+        mon = curve.monitor(s)
+        if mon is not None:
+            self.monitors[mon] = (label, link)
 
     def send(self, kind: int, payload: dict | None = None) -> None:
         """Queue a control message for the thread to send (sockets are not thread-safe)."""
@@ -65,7 +79,17 @@ class _ControlThread(threading.Thread):
                 except queue.Empty:
                     break
                 self.deliver(kind, payload)
-            if self.pull.poll(POLL_MS):
+            ready = dict(self.poller().poll(POLL_MS))
+            if self.zap is not None and self.zap in ready:
+                refused = curve.zap_reply(self.zap, self.keys)
+                if refused:
+                    self.on_handshake_failure(f"rank {self.ep.rank} {refused}", False)
+            for mon, (label, link) in self.monitors.items():
+                if mon in ready:
+                    failed = curve.handshake_failure(mon)
+                    if failed:
+                        self.on_handshake_failure(f"{label}: {failed}", link)
+            if self.pull in ready:
                 frames = self.pull.recv_multipart(copy=False)
                 try:
                     msg = P.parse(frames)
@@ -75,6 +99,13 @@ class _ControlThread(threading.Thread):
                 self.on_message(msg, frames)
         self.on_exit()
 
+    def poller(self) -> zmq.Poller:
+        if getattr(self, "_poller", None) is None:
+            self._poller = zmq.Poller()
+            for s in [self.pull, *self.monitors] + ([self.zap] if self.zap is not None else []):
+                self._poller.register(s, zmq.POLLIN)
+        return self._poller
+
     def stop(self, timeout_s: float = 2.0) -> None:
         self.done.set()
         if self.is_alive():
@@ -83,6 +114,8 @@ class _ControlThread(threading.Thread):
     def _close(self) -> None:
         for s in self.sockets():  # a bounded linger lets a last STOP or ERROR reach its peer
             s.close(linger=500 if s.socket_type == zmq.PUSH else 0)
+        for s in [*self.monitors] + ([self.zap] if self.zap is not None else []):
+            s.close(linger=0)
 
     # overridden
     def beat(self) -> None: ...
@@ -92,6 +125,9 @@ class _ControlThread(threading.Thread):
     def on_exit(self) -> None: ...
     def sockets(self) -> list: return [self.pull]
 
+    def on_handshake_failure(self, text: str, link: bool) -> None:
+        log(self.ep.rank, text)
+
 
 class HeadControl(_ControlThread):
     """Rank 0: hears every worker, sends heartbeats and commands round the signal ring."""
@@ -99,6 +135,8 @@ class HeadControl(_ControlThread):
     def __init__(self, ctx: zmq.Context, ep: Endpoints, session: int):
         super().__init__(ctx, ep, session)
         self.to_next = P.control_push(ctx, ep.signal_addr(ep.next_rank)) if ep.world > 1 else None
+        if self.to_next is not None:
+            self.watch(self.to_next, f"rank 0's link to {ep.describe(ep.next_rank)}")
         self.lock = threading.Lock()
         self.last_seen: dict[int, float] = {}  # rank -> monotonic time of its last message
         self.hellos: dict[int, dict] = {}
@@ -139,6 +177,16 @@ class HeadControl(_ControlThread):
         if h.kind == P.ERROR:
             self.errors.put((h.sender, str(msg.payload.get("error", "unknown error"))))
 
+    def on_handshake_failure(self, text: str, link: bool) -> None:
+        """While the ring forms, a failed handshake ends it at once (a rank with another key
+        would otherwise look like one that never started); later ones are only logged."""
+        super().on_handshake_failure(text, link)
+        with self.lock:
+            forming = len(self.ready) < self.ep.world - 1
+        if forming:
+            self.errors.put((0, f"{text}. Every rank must be given the same key file with "
+                                "--curve (and all or none of them)"))
+
     def on_exit(self) -> None:
         if self.to_next and not self.stop_sent.is_set():  # rank 0 leaving: tell the ring
             P.send_nowait(self.to_next, P.control_frames(self.header(P.STOP)))
@@ -158,8 +206,12 @@ class WorkerControl(_ControlThread):
         self.hello = hello
         self.to_master = P.control_push(ctx, ep.signal_addr(0))
         self.to_next = P.control_push(ctx, ep.signal_addr(ep.next_rank)) if ep.next_rank != 0 else None
+        self.watch(self.to_master, f"rank {ep.rank}'s link to {ep.describe(0)}")
+        if self.to_next is not None:
+            self.watch(self.to_next, f"rank {ep.rank}'s link to {ep.describe(ep.next_rank)}")
         self.config: queue.Queue = queue.Queue()
         self.stopped = threading.Event()
+        self.refusal: str | None = None  # why this rank cannot join (a CurveZMQ key mismatch)
         self.last_master = time.monotonic()
 
     def sockets(self):
@@ -194,6 +246,17 @@ class WorkerControl(_ControlThread):
             P.send_nowait(self.to_next, frames)
         if h.kind == P.STOP:
             self.stopped.set()
+
+    def on_handshake_failure(self, text: str, link: bool) -> None:
+        """Before CONFIG a failed handshake means this rank cannot join: on its links, rank 0
+        or the next rank holds another key; on its own port, the previous rank does (only it
+        connects there). Leave, saying why; once the ring runs, only log."""
+        if self.session or self.refusal:
+            super().on_handshake_failure(text, link)
+            return
+        self.refusal = f"{text}; give every rank the same key file with --curve"
+        log(self.ep.rank, f"refusing to join: {self.refusal}")
+        self.stopped.set()
 
     def master_silent_s(self) -> float:
         return time.monotonic() - self.last_master

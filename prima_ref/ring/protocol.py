@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 import zmq
 
+from prima_ref.ring import curve
+
 MAGIC = b"PRR1"
 VERSION = 1
 HEADER = struct.Struct("<4sBBHIIIIII")
@@ -153,7 +155,7 @@ def _buf(frame):
 
 def data_pull(ctx: zmq.Context, addr: str, max_msg_bytes: int) -> zmq.Socket:
     s = ctx.socket(zmq.PULL)
-    _common(s)
+    _common(s, server=True)
     s.setsockopt(zmq.MAXMSGSIZE, max_msg_bytes)  # a corrupt or hostile peer cannot make us allocate more
     s.setsockopt(zmq.RCVHWM, 64)
     s.bind(addr)
@@ -162,7 +164,7 @@ def data_pull(ctx: zmq.Context, addr: str, max_msg_bytes: int) -> zmq.Socket:
 
 def data_push(ctx: zmq.Context, addr: str, send_timeout_ms: int) -> zmq.Socket:
     s = ctx.socket(zmq.PUSH)
-    _common(s)
+    _common(s, server=False)
     s.setsockopt(zmq.IMMEDIATE, 1)  # queue nothing for a peer that is not connected
     s.setsockopt(zmq.SNDHWM, 64)
     s.setsockopt(zmq.SNDTIMEO, send_timeout_ms)
@@ -172,7 +174,7 @@ def data_push(ctx: zmq.Context, addr: str, send_timeout_ms: int) -> zmq.Socket:
 
 def control_pull(ctx: zmq.Context, addr: str) -> zmq.Socket:
     s = ctx.socket(zmq.PULL)
-    _common(s)
+    _common(s, server=True)
     s.setsockopt(zmq.MAXMSGSIZE, MAX_CONTROL_BYTES + HEADER.size + 64)
     s.bind(addr)
     return s
@@ -180,13 +182,14 @@ def control_pull(ctx: zmq.Context, addr: str) -> zmq.Socket:
 
 def control_push(ctx: zmq.Context, addr: str) -> zmq.Socket:
     s = ctx.socket(zmq.PUSH)
-    _common(s)
+    _common(s, server=False)
     s.setsockopt(zmq.SNDHWM, 256)  # heartbeats to a vanished peer are dropped, not queued forever
     s.connect(addr)
     return s
 
 
-def _common(s: zmq.Socket) -> None:
+def _common(s: zmq.Socket, *, server: bool) -> None:
+    curve.secure(s, server=server)  # CurveZMQ when the context was given a key (curve.use)
     s.setsockopt(zmq.LINGER, 0)
     s.setsockopt(zmq.HEARTBEAT_IVL, 1000)  # ZMTP heartbeats notice dead TCP peers under PUSH/PULL
     s.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3000)

@@ -11,8 +11,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from prima_ref.ring.curve import CurveKeys
 
 PLAN_SCHEMA = "prima-ref/plan"
 DATA_PORT_BASE = 9000  # prima.cpp's --data-port
@@ -104,6 +108,7 @@ class Endpoints:
     hosts: tuple[str | None, ...]
     data_ports: tuple[int, ...]  # PULL for activations and KV commands, per rank
     signal_ports: tuple[int, ...]  # PULL for control (join, config, heartbeats, stop), per rank
+    curve: CurveKeys | None = field(default=None, compare=False)  # --curve: the ring's key
 
     @property
     def world(self) -> int:

@@ -50,6 +50,8 @@ def serve(opts: RingOptions, model_path) -> int:
     try:
         config = _wait_config(control, opts)
         if config is None:
+            if control.refusal:  # a CurveZMQ key mismatch (control.py logged it)
+                return EXIT_REFUSED
             return EXIT_LOST_MASTER if not control.stopped.is_set() else EXIT_OK
         worker = _Worker(opts, gguf, ctx, control, config, sha)
         return worker.loop()
