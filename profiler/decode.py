@@ -11,6 +11,11 @@ between kernels. So this module times the engine's own code on the model's own l
 - fixed_ms: rank 0's once-per-token work: the embedding row, the output norm and head, and
   the sampler (prima-cli's default chain, and greedy, both recorded).
 
+Samples last min_seconds of wall time each; with one thread they are timed by the process's
+CPU time, which on an idle device equals the wall time and on a shared one leaves out the
+time slices other processes take (the mean of wall-clock samples on this project's shared
+2-core VM ran 1.7x the CPU time). With more threads wall time is all there is.
+
 The figures go into the device profile's `cpu.decode` (planner/profiles.py, schema version 2),
 where the planner takes a_m and kappa from them for this model instead of from matvec speeds.
 Every figure is what the code does today: a faster kernel shows up in the next profile.
@@ -19,15 +24,28 @@ Every figure is what the code does today: a faster kernel shows up in the next p
 from __future__ import annotations
 
 import re
+import time
 from collections import defaultdict
 from dataclasses import dataclass
 
 import numpy as np
 
-from profiler.stats import Stat, repeat, timed_passes
+from profiler.stats import Stat, repeat
 
 DECODE_POS = 32  # position the token is decoded at: a short context, as after a prompt
 _LAYER = re.compile(r"^blk\.(\d+)\.")
+
+
+def _sample_ms(fn, min_seconds: float, cpu_clock: bool) -> float:
+    """ms per call of fn over calls lasting min_seconds of wall time; cpu_clock: the process's
+    CPU time instead (one thread: the code's own cost, not the time slices of neighbours)."""
+    clock = time.process_time if cpu_clock else time.perf_counter
+    passes, w0, c0 = 0, time.perf_counter(), clock()
+    while True:
+        fn()
+        passes += 1
+        if time.perf_counter() - w0 >= min_seconds:
+            return (clock() - c0) / passes * 1e3
 
 
 @dataclass(frozen=True)
@@ -47,6 +65,7 @@ class DecodeResult:
     sample_greedy_ms: Stat
     pos: int
     threads: int
+    clock: str = "wall"  # "cpu": one thread, timed by the process's CPU time
 
     @property
     def layer_ms(self) -> float:
@@ -82,14 +101,16 @@ def decode_profile(model_path, *, threads: int, repeats: int, max_bytes: int,
         ranges = g.layer_ranges()
         mixes = []
         for mix, ids in layer_mixes(g).items():
-            mixes.append(_time_mix(g, mix, ids, ranges, repeats, max_bytes, min_seconds, pos))
-        head, sample, greedy = _time_head(g, repeats, min_seconds)
+            mixes.append(_time_mix(g, mix, ids, ranges, repeats, max_bytes, min_seconds, pos,
+                                   threads))
+        head, sample, greedy = _time_head(g, repeats, min_seconds, threads == 1)
     return DecodeResult(mixes=tuple(mixes), head_ms=head, sample_ms=sample,
-                        sample_greedy_ms=greedy, pos=pos, threads=threads)
+                        sample_greedy_ms=greedy, pos=pos, threads=threads,
+                        clock="cpu" if threads == 1 else "wall")
 
 
 def _time_mix(g, mix, ids: list[int], ranges, repeats: int, max_bytes: int,
-              min_seconds: float, pos: int) -> MixResult:
+              min_seconds: float, pos: int, threads: int) -> MixResult:
     from prima_ref.model.transformer import Transformer
 
     layer_bytes = [ranges[il][1] - ranges[il][0] for il in ids]
@@ -108,17 +129,17 @@ def _time_mix(g, mix, ids: list[int], ranges, repeats: int, max_bytes: int,
             tr.forward_layers(x, positions, il, il + 1)
 
     one_pass()  # compiled kernels loaded, pages in
+    cpu_clock = threads == 1
 
     def ms_per_layer() -> float:
-        passes, seconds = timed_passes(one_pass, min_seconds)
-        return seconds / (passes * len(chosen)) * 1e3
+        return _sample_ms(one_pass, min_seconds, cpu_clock) / len(chosen)
 
     return MixResult(mix=mix, n_layers=len(ids), n_timed=len(chosen),
                      layer_bytes=sum(layer_bytes) / len(ids),
                      layer_ms=repeat(ms_per_layer, repeats))
 
 
-def _time_head(g, repeats: int, min_seconds: float) -> tuple[Stat, Stat, Stat]:
+def _time_head(g, repeats: int, min_seconds: float, cpu_clock: bool) -> tuple[Stat, Stat, Stat]:
     from prima_ref.model.transformer import Transformer
     from prima_ref.sampling import Sampler, SamplingParams
 
@@ -137,12 +158,7 @@ def _time_head(g, repeats: int, min_seconds: float) -> tuple[Stat, Stat, Stat]:
 
     def ms(fn) -> Stat:
         fn()
-
-        def sample() -> float:
-            passes, seconds = timed_passes(fn, min_seconds)
-            return seconds / passes * 1e3
-
-        return repeat(sample, repeats)
+        return repeat(lambda: _sample_ms(fn, min_seconds, cpu_clock), repeats)
 
     return ms(head), ms(lambda: default.sample(logits)), ms(lambda: greedy.sample(logits))
 
@@ -158,6 +174,8 @@ def decode_extra(result: DecodeResult) -> dict:
     return {"definition": "layer_ms: Transformer.forward_layers for one token at position pos, "
                           "per quant mix over its layers in order; fixed_ms: embedding row + "
                           "output norm and head + default sampling chain",
+            "clock": result.clock + (" (1 thread: CPU time, so other processes' time slices "
+                                     "do not count)" if result.clock == "cpu" else ""),
             "head_ms": result.head_ms.mean, "head_ms_std": result.head_ms.std,
             "sample_ms": result.sample_ms.mean, "sample_ms_std": result.sample_ms.std,
             "sample_greedy_ms": result.sample_greedy_ms.mean,
