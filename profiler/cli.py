@@ -224,11 +224,13 @@ def _profile_model(info, threads: int, s: Settings, decode: bool = True):
     log(f"KV copy: {kv.fmt(4)} ms per layer")
     steps = None
     if decode:
+        t0 = time.perf_counter()
         steps = decode_profile(info.path, threads=threads, repeats=s.repeats,
                                max_bytes=s.matvec_max_mib << 20, min_seconds=s.sample_s)
         log(f"decode: {steps.layer_ms:.3f} ms per layer ({len(steps.mixes)} quant mixes), "
             f"fixed {steps.fixed_ms:.3f} ms (head {steps.head_ms.mean:.3f}, sampling "
-            f"{steps.sample_ms.mean:.3f})")
+            f"{steps.sample_ms.mean:.3f}); {steps.clock} time, "
+            f"{time.perf_counter() - t0:.1f} s")
     return report.ModelRun(info=info, matvec=matvec, kv_copy_ms=kv, input_lookup_ms=lookup,
                            decode=steps)
 
