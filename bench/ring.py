@@ -243,7 +243,23 @@ def prediction_lines(model, profile: dict, results: dict) -> list[str]:
                      f"{(meas - p1.total_ms) / p1.total_ms * 100:+.0f} % | "
                      f"{r['cpu_ms_per_token']:.2f} | "
                      f"{(r['cpu_ms_per_token'] - p2.total_ms) / p2.total_ms * 100:+.0f} % |")
-    return lines + ["", "Error = (measured - predicted) / predicted. Target: within 25 %.", ""]
+    lines += ["", "Error = (measured - predicted) / predicted. Target: within 25 %.", "",
+              "What a hop costs the ring beyond the layers: (ring - 1 rank) / hops per token "
+              "(k x ranks), from the medians above, against the planner's hop term per hop "
+              "(profile latency + activation / bandwidth).", "",
+              "| ranks | hops per token | extra wall ms per hop | extra CPU ms per hop | "
+              "planner's ms per hop |", "|---|---|---|---|---|"]
+    one = results["1"]
+    for m, r in results.items():
+        sizes = SPLITS[m]
+        if len(sizes) < 2:
+            continue
+        hops = N_LAYERS // sum(sizes) * len(sizes)
+        p2 = predicted(model, profile, sizes, round(r["mean_ctx"]))
+        lines.append(f"| {m} | {hops} | {(r['ms_per_token'] - one['ms_per_token']) / hops:.2f} | "
+                     f"{(r['cpu_ms_per_token'] - one['cpu_ms_per_token']) / hops:.2f} | "
+                     f"{p2.terms_ms['hop'] / hops:.3f} |")
+    return lines + [""]
 
 
 # ---------------------------------------------------------------------------------------------
