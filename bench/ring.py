@@ -217,7 +217,8 @@ def prediction_lines(model, profile: dict, results: dict) -> list[str]:
              "the peer a `profile-tool --listen` on loopback). Schema v2's `cpu.decode` holds "
              f"whole decode steps: {dec['layer_ms']:.3f} ms per layer "
              f"(Transformer.forward_layers at position {dec['n_ctx'] - 1}; {ex['clock']}), "
-             f"fixed {dec['fixed_ms']:.2f} ms per token (embedding + output head {ex['head_ms']:.2f} ms, sampling {ex['sample_ms']:.2f} ms); network "
+             f"fixed {dec['fixed_ms']:.2f} ms per token (embedding + output head "
+             f"{ex['head_ms']:.2f} ms, sampling {ex['sample_ms']:.2f} ms); network "
              f"{profile['network']['latency_ms']:.3f} ms one way. Every rank is given this "
              "profile; the prediction is planner.latency.predict for the plan's split at the "
              "run's mean decode context (prompt + half the generated tokens).", "",
