@@ -64,7 +64,8 @@ def main(argv=None) -> int:
     print(f"[demo] 1/4 model: {model}", file=sys.stderr)
     profile = work / "this-device.profile.json"
     print("[demo] 2/4 profiling this device", file=sys.stderr)
-    _run(_tool("profiler.cli") + ["-m", model, "--quick", "-o", profile])
+    # -t 1: the profile measures what each rank runs (one thread each, see below)
+    _run(_tool("profiler.cli") + ["-m", model, "--quick", "-t", "1", "-o", profile])
     profiles = rank_profiles(profile, args.ranks, model.stat().st_size, work)
     print(f"[demo] 3/4 planning {args.ranks} local ranks", file=sys.stderr)
     plan = work / "plan.json"
