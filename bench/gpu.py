@@ -73,7 +73,8 @@ def check_kernels() -> list[dict]:
             row = {"type": qtype.name, "n_tok": n_tok, "x_quantized": kern.x_quantized,
                    "bound": 5e-4 if kern.x_quantized else 1e-6,
                    "nse_vs_f64": nse(ys, xs.astype(np.float64) @ w64.T),
-                   "nse_vs_cpu": nse(ys, cpu), "cpu_nse_vs_f64": nse(cpu, xs.astype(np.float64) @ w64.T)}
+                   "nse_vs_cpu": nse(ys, cpu),
+                   "cpu_nse_vs_f64": nse(cpu, xs.astype(np.float64) @ w64.T)}
             row["ok"] = row["nse_vs_f64"] <= row["bound"] and np.isfinite(ys).all()
             out.append(row)
             log(f"check {qtype.name:5s} n_tok={n_tok}: nse {row['nse_vs_f64']:.2e} (bound "
@@ -94,6 +95,7 @@ def _events_ms(fn, n: int) -> list[float]:
 
 
 def throughput() -> dict:
+    from prima_ref.gpu import kernels as K
     from prima_ref.gpu.layer import Activation, GpuWeight, workspace
 
     ws = workspace()
@@ -102,7 +104,7 @@ def throughput() -> dict:
     src = cuda.device_array(n_bytes // 4, np.float32)
     dst = cuda.device_array(n_bytes // 4, np.float32)
     copy_ms = float(np.median(_events_ms(lambda: dst.copy_to_device(src), 20)))
-    del src, dst
+    src = dst = None  # free the copy buffers
     res = {"vram_free_gib": free / 2**30, "vram_total_gib": total / 2**30,
            "copy_gbps": 2 * n_bytes / copy_ms / 1e6, "copy_bytes": n_bytes, "matvec": []}
     rng = np.random.default_rng(9)
@@ -119,15 +121,26 @@ def throughput() -> dict:
         act = Activation(ws, "tp", x)
         gw(act, "tp.y")  # compile, quantize x once
         cuda.synchronize()
-        ms = float(np.median(_events_ms(lambda: gw(act, "tp.y"), 30)))
-        ms_q = float(np.median(_events_ms(lambda: gw(Activation(ws, "tp", x), "tp.y"), 30)))
+        ms = float(np.median(_events_ms(lambda gw=gw, act=act: gw(act, "tp.y"), 30)))
+        ms_co = None  # the coalesced variant (PRIMA_GPU_PRODUCTS=coalesced), checked first
+        if qtype in (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q4_K, T.Q6_K):
+            ref = gw(act, "tp.y", K.PRODUCTS_BY_ITEM).copy_to_host()
+            err = nse(gw(act, "tp.y", K.PRODUCTS).copy_to_host(), ref)
+            if err <= 1e-10:
+                ms_co = float(np.median(_events_ms(
+                    lambda gw=gw, act=act: gw(act, "tp.y", K.PRODUCTS), 30)))
+            log(f"coalesced {qtype.name}: nse vs item kernel {err:.1e}")
+        ms_q = float(np.median(_events_ms(
+            lambda gw=gw, x=x: gw(Activation(ws, "tp", x), "tp.y"), 30)))
         row = {"type": qtype.name, "n_rows": n_rows, "n_cols": n_cols, "weight_bytes": raw.nbytes,
-               "product_ms": ms, "with_quantize_ms": ms_q, "gbps": raw.nbytes / ms / 1e6}
+               "product_ms": ms, "with_quantize_ms": ms_q, "gbps": raw.nbytes / ms / 1e6,
+               "coalesced_ms": ms_co,
+               "coalesced_gbps": raw.nbytes / ms_co / 1e6 if ms_co else None}
         row["of_copy"] = row["gbps"] / res["copy_gbps"]
         res["matvec"].append(row)
         log(f"matvec {qtype.name:5s} {n_rows}x{n_cols}: {ms:.3f} ms, {row['gbps']:.0f} GB/s "
             f"({100 * row['of_copy']:.0f}% of copy)")
-        del gw
+        gw = None
     return res
 
 
@@ -200,6 +213,39 @@ def trace_layers(path: Path, n_tok: int = 15) -> list[dict]:
         log(f"trace {path.name} layer {il}: " + " ".join(f"{k}={v:.1e}" for k, v in row.items()
                                                          if k != "layer"))
         x = y_cpu
+    # how sensitive the model itself is: the CPU forward with layer 0's output perturbed by the
+    # relative size of the GPU's layer-0 difference (int8 rounding flips), CPU vs CPU
+    tok0 = rng.integers(0, cpu.cfg.n_vocab, n_tok)
+    pos0 = np.arange(n_tok)
+    cpu.kv_remove(0)
+    x0 = cpu._layer(0, cpu.embed(tok0), pos0)
+    rel = max(rows[0]["out"], 1e-12) ** 0.5
+    rms = np.sqrt(np.mean(x0.astype(np.float64) ** 2))
+    noisy = x0 + (rng.standard_normal(x0.shape) * rel * rms).astype(np.float32)
+    outs = []
+    for xin in (x0, noisy):
+        cpu.kv_remove(0)
+        outs.append(cpu.logits(cpu.forward_layers(xin, pos0, 1, cpu.cfg.n_layer)))
+    rows.append({"step": "cpu_sensitivity", "perturbation_rel": rel,
+                 "logits_nse": nse(outs[1], outs[0])})
+    log(f"trace {path.name} {rows[-1]}")
+    cpu.kv_remove(0)
+    # the whole forward as the engine runs it: prefill, one decode step, forget, prefill again
+    tok = rng.integers(0, cpu.cfg.n_vocab, n_tok + 1)
+    cpu2 = Transformer(g, 64)
+    steps = [("prefill", tok[:n_tok], 0), ("decode", tok[n_tok:], n_tok), ("forget", None, 0),
+             ("prefill2", tok[:n_tok], 0)]
+    for name, t, start in steps:
+        if t is None:
+            cpu2.kv_remove(0)
+            gpu.kv_remove(0)
+            continue
+        a, b = cpu2.forward(t, start), gpu.forward(t, start)
+        top = np.sort(a[-1])[-2:]
+        rows.append({"step": name, "logits_nse": nse(b, a), "argmax_equal":
+                     bool(np.argmax(a[-1]) == np.argmax(b[-1])),
+                     "cpu_margin": float(top[1] - top[0])})
+        log(f"trace {path.name} {rows[-1]}")
     return rows
 
 
@@ -236,7 +282,8 @@ def run_model(path: Path, n_predict: int, n_ctx: int = 512) -> dict:
         if base is None:
             base, base_margins = toks, margins
         run["equal_to_cpu"] = toks == base
-        n_same = next((i for i, (a, b) in enumerate(zip(toks, base)) if a != b), min(len(toks), len(base)))
+        n_same = next((i for i, (a, b) in enumerate(zip(toks, base, strict=False)) if a != b),
+                      min(len(toks), len(base)))
         run["first_diff"] = None if toks == base else n_same
         run["margins"] = margins
         if toks != base:
@@ -283,7 +330,7 @@ def main(argv=None) -> int:
         save()
     res["models"] = []
     with tempfile.TemporaryDirectory() as tmp:
-        paths = [synthetic_model(Path(tmp))] + [Path(m) for m in args.models]
+        paths = [Path(m) for m in args.models] + [synthetic_model(Path(tmp))]
         for p in paths:
             try:
                 if args.trace:
@@ -300,21 +347,24 @@ def main(argv=None) -> int:
     save()
     print("\n== summary ==")
     for r in res.get("kernels", []):
-        print(f"check {r['type']:5s} n_tok={r['n_tok']}  nse={r['nse_vs_f64']:.2e} bound={r['bound']:.0e}"
+        print(f"check {r['type']:5s} n_tok={r['n_tok']}  nse={r['nse_vs_f64']:.2e} "
+              f"bound={r['bound']:.0e}"
               f"  vsCPU={r['nse_vs_cpu']:.1e}  {'OK' if r['ok'] else 'FAIL'}")
     tp = res.get("throughput")
     if tp:
         print(f"copy {tp['copy_gbps']:.0f} GB/s, free VRAM {tp['vram_free_gib']:.1f} GiB")
         for r in tp["matvec"]:
+            item = f" coalesced {r['coalesced_gbps']:.0f} GB/s" if r["coalesced_gbps"] else ""
             print(f"matvec {r['type']:5s} {r['gbps']:7.0f} GB/s ({100 * r['of_copy']:.0f}% of copy)"
-                  f" {r['product_ms']:.3f} ms (+quantize {r['with_quantize_ms']:.3f} ms)")
+                  f" {r['product_ms']:.3f} ms (+quantize {r['with_quantize_ms']:.3f} ms){item}")
     for m in res["models"]:
         if "error" in m:
             print(f"{m['model']}: ERROR {m['error']}")
             continue
         for r in m["runs"]:
             print(f"{m['model']:40s} {r['label']:4s} gpu={r['gpu_layers']:2d}/{r['n_layer']} "
-                  f"{r['eval_tps']:7.1f} tok/s  equal={r['equal_to_cpu']} first_diff={r['first_diff']}"
+                  f"{r['eval_tps']:7.1f} tok/s  equal={r['equal_to_cpu']} "
+                  f"first_diff={r['first_diff']}"
                   + (f" cpu_margin={r.get('cpu_margin_at_diff')} own={r.get('own_margin_at_diff')}"
                      if r['first_diff'] is not None else ""))
     return 0

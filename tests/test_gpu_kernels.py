@@ -1,26 +1,19 @@
 """GPU kernels (prima_ref.gpu) against the CPU kernels and float64 references.
 
 With a CUDA device these run on it; without one they run under numba's CUDA simulator
-(NUMBA_ENABLE_CUDASIM=1, set by this module before numba.cuda loads), small shapes only:
+(tests/gpu_env.py sets NUMBA_ENABLE_CUDASIM=1 before numba.cuda loads), small shapes only:
 the simulator runs every thread in Python, so it checks indexing and arithmetic, not speed.
-The simulator is chosen in a subprocess-free way: the env var is read when numba.cuda is
-first imported, so this module must be collected before anything imports numba.cuda.
 """
 
-import os
 
+import gpu_env  # noqa: F401  (picks the simulator or the device before numba.cuda loads)
 import numpy as np
 import pytest
-
-_REAL = os.environ.get("PRIMA_GPU_TESTS") == "device"  # bench/gpu.py sets it on the GPU machine
-if not _REAL:
-    os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
-
 from gguf.constants import GGMLQuantizationType as T  # noqa: E402
 from numba import cuda  # noqa: E402
 
 from prima_ref.quants import kernels  # noqa: E402
-from prima_ref.quants.simd import quantize_x_q8, q8_k_values  # noqa: E402
+from prima_ref.quants.simd import q8_k_values, quantize_x_q8  # noqa: E402
 
 SIM = "simulator" in getattr(cuda.to_device, "__module__", "")  # numba.cuda was loaded as it
 if not SIM and not cuda.is_available():
@@ -34,11 +27,22 @@ from tests.test_quants import nse, realistic_rows  # noqa: E402
 QTYPES = [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q4_K, T.Q6_K, T.F32, T.F16]
 
 
-def _gpu_products(qtype, raw, xs):
+def _gpu_products(qtype, raw, xs, table=None):
     ws = workspace()
     w = GpuWeight("w", int(qtype), raw)
     act = Activation(ws, "t", cuda.to_device(xs))
-    return w(act, "y").copy_to_host()
+    return w(act, "y", table).copy_to_host()
+
+
+@pytest.mark.parametrize("qtype", [T.Q4_1, T.Q5_0, T.Q8_0, T.Q4_K, T.Q6_K], ids=lambda t: t.name)
+def test_item_kernels_agree_with_coalesced(qtype):
+    """The first product kernels (a thread per block, PRIMA_GPU_PRODUCTS=item) stay correct."""
+    rng = np.random.default_rng(int(qtype))
+    n_cols = 512 if qtype in (T.Q4_K, T.Q6_K) else 64
+    raw = realistic_rows(qtype, rng, 2, n_cols)
+    xs = rng.standard_normal((5, n_cols)).astype(np.float32)
+    a, b = _gpu_products(qtype, raw, xs, K.PRODUCTS_BY_ITEM), _gpu_products(qtype, raw, xs)
+    assert nse(a, b) <= 1e-10
 
 
 @pytest.mark.parametrize("qtype", QTYPES, ids=lambda t: t.name)
@@ -78,7 +82,8 @@ def test_q8_activations_are_the_cpus():
 def test_f16_rounding_is_exact():
     rng = np.random.default_rng(3)
     v = np.concatenate([rng.standard_normal(200) * 10.0 ** rng.integers(-9, 5, 200),
-                        [0.0, 65504.0, 65519.0, 1e-8, 6.1e-5, -3.0e-7, 2049.0, 2051.0]]).astype(np.float32)
+                        [0.0, 65504.0, 65519.0, 1e-8, 6.1e-5, -3.0e-7, 2049.0, 2051.0]])
+    v = v.astype(np.float32)
 
     @cuda.jit
     def bits(x, out):

@@ -4,12 +4,9 @@ on a tiny synthetic qwen2 model (biases, GQA, NEOX rope); bench/gpu.py runs the 
 
 import os
 
+import gpu_env  # noqa: F401  (picks the simulator or the device before numba.cuda loads)
 import numpy as np
 import pytest
-
-if os.environ.get("PRIMA_GPU_TESTS") != "device":
-    os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
-
 from numba import cuda  # noqa: E402
 
 from prima_ref.gpu import choose_layers, windows_of  # noqa: E402
@@ -43,7 +40,7 @@ def tiny_model(tmp_path_factory):
 
 @pytest.mark.skipif(SIM and not os.environ.get("PRIMA_GPU_SIM_SLOW"),
                     reason="minutes under the CUDA simulator (PRIMA_GPU_SIM_SLOW=1 runs it); "
-                    "bench/gpu.py runs it on a CUDA device")
+                    "it runs on any machine with a CUDA device")
 def test_gpu_layer_matches_cpu_layer(tiny_model):
     from prima_ref.model.transformer import Transformer
 
@@ -67,3 +64,37 @@ def test_gpu_layer_matches_cpu_layer(tiny_model):
     gpu.kv_remove(0)
     k = gpu.gpu[1].k_cache.copy_to_host()
     assert not k.any()
+
+
+def test_plan_gpu_layers_per_rank():
+    from prima_ref.ring.topology import plan_gpu_layers
+
+    raw = {"ranks": [{"rank": 0, "gpu_layers_per_window": 3},
+                     {"rank": 1, "gpu_layers": [[4, 5], [9, 10]], "gpu_layers_per_window": 0},
+                     {"rank": 2}]}
+    assert [plan_gpu_layers(raw, r) for r in range(4)] == [3, 2, 0, 0]
+
+
+def test_without_cuda_ngl_keeps_every_layer_on_the_cpu(tmp_path):
+    """A real run in a fresh process where numba.cuda finds no device: no error, one [gpu] line."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
+    probe = subprocess.run([sys.executable, "-c",
+                            "from numba import cuda; print(cuda.is_available())"],
+                           capture_output=True, text=True, env=env, timeout=120)
+    if probe.stdout.strip() != "False":
+        pytest.skip("this machine has a CUDA device")
+    model = os.path.join(os.path.dirname(__file__), "data", "models", "synth-qwen2-kquants.gguf")
+    code = ("import numpy as np\n"
+            "from prima_ref.gguf_file import GGUFModel\n"
+            "from prima_ref.model.transformer import Transformer\n"
+            f"t = Transformer(GGUFModel.open({model!r}), 16, gpu_layers=2, gpu_mem_gib=1.0)\n"
+            "print(len(t.gpu), t.forward([1, 2, 3], 0).shape)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split()[0] == "0"
+    gpu_lines = [ln for ln in out.stderr.splitlines() if ln.startswith("[gpu]")]
+    assert len(gpu_lines) == 1 and "stays on the CPU" in gpu_lines[0]

@@ -97,4 +97,5 @@ def offload_layers(model, cfg, layers: dict, n_ctx: int, n_per_window: int,
 
 
 def _spans(ids: list[int]) -> str:
-    return ", ".join(f"{w[0]}-{w[-1]}" if len(w) > 1 else str(w[0]) for w in windows_of(ids)) or "none"
+    spans = [f"{w[0]}-{w[-1]}" if len(w) > 1 else str(w[0]) for w in windows_of(ids)]
+    return ", ".join(spans) or "none"

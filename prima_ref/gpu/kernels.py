@@ -308,7 +308,93 @@ def _make_products(kind):
     return products
 
 
-PRODUCTS = {kind: _make_products(kind) for kind in QUANTIZED}
+PRODUCTS_BY_ITEM = {kind: _make_products(kind) for kind in QUANTIZED}
+
+
+# --- coalesced products: lane j of a 32-thread group takes weight j of each 32-weight item -----
+# A warp then reads 32 consecutive weight bytes (or 16, nibbles) and 32 consecutive int8 of x
+# per step instead of one byte of 32 different blocks, which made the item kernels above
+# bound by L1 transactions. Each weight * x product is an exact integer, scaled in float32.
+
+
+@cuda.jit(device=True)
+def _legacy_elem(kind, w, base, b, j, qx, xd, xoff, t, lut):
+    """Weight j of block b times x, as float32; lane 0 also adds the block's min term."""
+    o = base + b * _legacy_bytes(kind)
+    xv = int32(qx[t, b * QK + j])
+    scale = f16_at(w, o, lut) * xd[t, b]
+    if kind == Q8_0:
+        return scale * float32(i8_at(w, o + 2 + j) * xv)
+    qs = o + 2
+    if kind == Q4_1 or kind == Q5_1:
+        qs = o + 4
+    qh = qs
+    if kind == Q5_0 or kind == Q5_1:
+        qs += 4
+    byte = int32(w[qs + (j & 15)])
+    u = (byte & 15) if j < 16 else (byte >> 4)
+    if kind == Q5_0 or kind == Q5_1:
+        u |= ((int32(w[qh + j // 8]) >> (j % 8)) & 1) << 4
+    if kind == Q4_0:
+        u -= 8
+    elif kind == Q5_0:
+        u -= 16
+    y = scale * float32(u * xv)
+    if (kind == Q4_1 or kind == Q5_1) and j == 0:
+        y += f16_at(w, o + 2, lut) * xoff[t, b]
+    return y
+
+
+@cuda.jit(device=True)
+def _k_elem(kind, w, base, item, l, qx, xd, t, lut):
+    """Weight l of sub-block item (32 weights) of a K-quant row times x, as float32."""
+    sb = item // 8
+    j = item % 8
+    xv = int32(qx[t, item * QK + l])
+    xdv = xd[t, item]
+    if kind == Q4_K:
+        o = base + sb * 144
+        s, m = _scale_min_k4(w, o + 4, j)
+        q = (int32(w[o + 16 + 32 * (j // 2) + l]) >> (4 * (j % 2))) & 15
+        return ((f16_at(w, o, lut) * xdv) * float32(s * q * xv)
+                - (f16_at(w, o + 2, lut) * xdv) * float32(m * xv))
+    o = base + sb * 210
+    h = j // 4
+    qq = j % 4
+    q = ((int32(w[o + 64 * h + 32 * (qq % 2) + l]) >> (4 * (qq // 2))) & 15) \
+        | (((int32(w[o + 128 + 32 * h + l]) >> (2 * qq)) & 3) << 4)
+    sc = i8_at(w, o + 192 + 8 * h + 2 * qq + l // 16)
+    return (f16_at(w, o + 208, lut) * xdv) * float32(sc * (q - 32) * xv)
+
+
+def _make_products_coalesced(kind):
+    @cuda.jit
+    def products(w, row_bytes, qx, xd, xoff, lut, ys):
+        """As PRODUCTS_BY_ITEM[kind]; PRODUCT_THREADS / 32 groups stride over the items."""
+        r = cuda.blockIdx.x
+        t0 = cuda.blockIdx.y * TOKEN_TILE
+        tid = cuda.threadIdx.x
+        lane = tid % QK
+        group = tid // QK
+        n_tok = ys.shape[0]
+        base = r * row_bytes
+        acc = cuda.local.array(TOKEN_TILE, float32)
+        for k in range(TOKEN_TILE):
+            acc[k] = 0.0
+        for item in range(group, qx.shape[1] // QK, PRODUCT_THREADS // QK):
+            for k in range(TOKEN_TILE):
+                t = t0 + k
+                if t < n_tok:
+                    if kind == Q4_K or kind == Q6_K:
+                        acc[k] += _k_elem(kind, w, base, item, lane, qx, xd, t, lut)
+                    else:
+                        acc[k] += _legacy_elem(kind, w, base, item, lane, qx, xd, xoff, t, lut)
+        _reduce_store(acc, r, t0, ys)
+
+    return products
+
+
+PRODUCTS = {kind: _make_products_coalesced(kind) for kind in QUANTIZED}
 
 
 @cuda.jit

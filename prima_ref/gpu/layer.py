@@ -5,11 +5,18 @@ layer(x (n_tok, n_embd) float32, positions (n_tok,)) -> (n_tok, n_embd) float32.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 from numba import cuda
 
 from prima_ref.gpu import kernels as K
 from prima_ref.model.config import ROPE_NEOX, ModelConfig
+
+# Product kernels: by default a thread per 32-weight block (kernels.PRODUCTS_BY_ITEM), the ones
+# checked on an H200; PRIMA_GPU_PRODUCTS=coalesced picks kernels.PRODUCTS (a lane per weight,
+# coalesced reads), checked only under numba's CUDA simulator so far (reports/gpu.md).
+_BY_ITEM = os.environ.get("PRIMA_GPU_PRODUCTS", "item") != "coalesced"
 
 
 class GpuUnsupportedError(ValueError):
@@ -55,7 +62,8 @@ class Activation:
             qx = self.ws.get(self.tag + ".qx", (n_tok, n), np.int8)
             dx = self.ws.get(self.tag + ".dx", (n_tok, n // K.QK))
             dsx = self.ws.get(self.tag + ".dsx", (n_tok, n // K.QK))
-            K.quantize_q8_kernel[(_blocks(n // K.QK, 64), n_tok), 64](self.x, qx, dx, dsx, self.ws.lut)
+            grid = (_blocks(n // K.QK, 64), n_tok)
+            K.quantize_q8_kernel[grid, 64](self.x, qx, dx, dsx, self.ws.lut)
             self._q["q8"] = (qx, dx, dsx)
         return self._q["q8"]
 
@@ -63,7 +71,8 @@ class Activation:
         if "q8k" not in self._q:
             n_tok, n = self.x.shape
             if n % K.QK_K:
-                raise GpuUnsupportedError(f"Q8_K activations need a multiple of 256 values, got {n}")
+                raise GpuUnsupportedError(f"Q8_K activations need a multiple of 256 values, "
+                                          f"got {n}")
             qx = self.ws.get(self.tag + ".qxk", (n_tok, n), np.int8)
             xd = self.ws.get(self.tag + ".xdk", (n_tok, n // K.QK))
             K.quantize_q8k_kernel[(_blocks(n // K.QK_K, 32), n_tok), 32](self.x, qx, xd)
@@ -90,15 +99,17 @@ class GpuWeight:
         else:
             bb, bw = K.BLOCK_BYTES[qtype], K.BLOCK_WEIGHTS[qtype]
             if self.row_bytes % bb:
-                raise GpuUnsupportedError(f"{name}: row of {self.row_bytes} bytes is not whole blocks")
+                raise GpuUnsupportedError(f"{name}: a row of {self.row_bytes} bytes is not "
+                                          "whole blocks")
             self.n_cols = self.row_bytes // bb * bw
             self.dev = cuda.to_device(np.ascontiguousarray(rows).reshape(-1))
         self.nbytes = rows.nbytes
 
-    def __call__(self, act: Activation, out_tag: str):
+    def __call__(self, act: Activation, out_tag: str, table: dict | None = None):
         n_tok = act.x.shape[0]
         if act.x.shape[1] != self.n_cols:
-            raise GpuUnsupportedError(f"{self.name}: x has {act.x.shape[1]} columns, W {self.n_cols}")
+            raise GpuUnsupportedError(f"{self.name}: x has {act.x.shape[1]} columns, "
+                                      f"W has {self.n_cols}")
         ys = act.ws.get(out_tag, (n_tok, self.n_rows))
         grid = (self.n_rows, _blocks(n_tok, K.TOKEN_TILE))
         if self.qtype == K.F32:
@@ -107,8 +118,10 @@ class GpuWeight:
             K.f16_products_kernel[grid, K.PRODUCT_THREADS](self.dev, act.x, act.ws.lut, ys)
         else:
             qx, xd, xoff = act.q8k() if self.qtype in K.K_QUANTS else act.q8()
-            K.PRODUCTS[self.qtype][grid, K.PRODUCT_THREADS](self.dev, self.row_bytes, qx, xd, xoff,
-                                                            act.ws.lut, ys)
+            args = (self.dev, self.row_bytes, qx, xd, xoff, act.ws.lut, ys)
+            if table is None:
+                table = K.PRODUCTS_BY_ITEM if _BY_ITEM else K.PRODUCTS
+            table[self.qtype][grid, K.PRODUCT_THREADS](*args)
         return ys
 
 
@@ -144,7 +157,8 @@ class GpuLayer:
         self.attn_norm, self.ffn_norm = vec(layer.attn_norm), vec(layer.ffn_norm)
         self.bq, self.bk, self.bv = vec(layer.bq), vec(layer.bk), vec(layer.bv)
         self.q_norm, self.k_norm = vec(layer.q_norm), vec(layer.k_norm)
-        self.post_attn_norm, self.post_ffn_norm = vec(layer.post_attn_norm), vec(layer.post_ffn_norm)
+        self.post_attn_norm = vec(layer.post_attn_norm)
+        self.post_ffn_norm = vec(layer.post_ffn_norm)
         kv_shape = (n_ctx, cfg.n_head_kv, cfg.head_dim)
         self.k_cache = cuda.to_device(np.zeros(kv_shape, np.float32))
         self.v_cache = cuda.to_device(np.zeros(kv_shape, np.float32))
@@ -203,12 +217,14 @@ class GpuLayer:
         if cfg.qk_norm:
             q = self._norm(q.reshape(n_tok * cfg.n_head, cfg.head_dim), self.q_norm, "qn")
             k = self._norm(k.reshape(n_tok * cfg.n_head_kv, cfg.head_dim), self.k_norm, "kn")
-        q, k, v = self._heads(q, cfg.n_head), self._heads(k, cfg.n_head_kv), self._heads(v, cfg.n_head_kv)
+        q = self._heads(q, cfg.n_head)
+        k, v = self._heads(k, cfg.n_head_kv), self._heads(v, cfg.n_head_kv)
         self._rope(q, pos)
         self._rope(k, pos)
         keep("q", q)
         keep("k", k)
-        K.kv_store_kernel[self._ew(k.size), K.EW_THREADS](k, v, pos, self.k_cache, self.v_cache, ws.lut)
+        K.kv_store_kernel[self._ew(k.size), K.EW_THREADS](k, v, pos, self.k_cache, self.v_cache,
+                                                          ws.lut)
         att = ws.get("att", q.shape)
         window = cfg.n_swa if cfg.is_swa(self.il) else 0
         K.attention_kernel[(n_tok, cfg.n_head), K.ATTN_THREADS](
