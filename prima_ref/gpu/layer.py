@@ -208,12 +208,12 @@ class GpuLayer:
         h = Activation(ws, "h", self._norm(x, self.attn_norm, "h"))
         keep("h", h.x)
         q, k, v = self.wq(h, "q"), self.wk(h, "k"), self.wv(h, "v")
-        keep("q0", q)
-        keep("k0", k)
-        keep("v0", v)
         if self.bq is not None:
             for y, b in ((q, self.bq), (k, self.bk), (v, self.bv)):
                 K.add_bias_kernel[self._ew(y.size), K.EW_THREADS](y, b)
+        keep("q0", q)  # the products plus biases, as the CPU trace (bench/gpu.py cpu_stages)
+        keep("k0", k)
+        keep("v0", v)
         if cfg.qk_norm:
             q = self._norm(q.reshape(n_tok * cfg.n_head, cfg.head_dim), self.q_norm, "qn")
             k = self._norm(k.reshape(n_tok * cfg.n_head_kv, cfg.head_dim), self.k_norm, "kn")
