@@ -1,6 +1,7 @@
 """Chooses numba.cuda's target for the GPU tests before numba.cuda is first imported: the real
 device when the CUDA driver sees one (or PRIMA_GPU_TESTS=device), else numba's CUDA simulator
-(NUMBA_ENABLE_CUDASIM=1), which runs the kernels' indexing and arithmetic on the CPU."""
+(NUMBA_ENABLE_CUDASIM=1 while numba.cuda loads), which runs the kernels' indexing and
+arithmetic on the CPU."""
 
 import ctypes
 import os
@@ -19,5 +20,9 @@ def cuda_device_present() -> bool:
     return False
 
 
-if os.environ.get("PRIMA_GPU_TESTS") != "device" and not cuda_device_present():
-    os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
+if (os.environ.get("PRIMA_GPU_TESTS") != "device" and not cuda_device_present()
+        and "NUMBA_ENABLE_CUDASIM" not in os.environ):
+    os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
+    from numba import cuda  # noqa: F401  (numba reads the variable once, here)
+
+    del os.environ["NUMBA_ENABLE_CUDASIM"]  # child processes of later tests must not inherit it

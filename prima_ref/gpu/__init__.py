@@ -7,7 +7,6 @@ device it returns no layers and says so in one [gpu] line on stderr; nothing fai
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -16,11 +15,11 @@ GIB = 1 << 30
 
 def cuda_status() -> tuple[bool, str]:
     """(usable, why): whether numba.cuda sees a CUDA device (or its simulator is on)."""
-    if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
-        return True, "numba CUDA simulator"
     try:
         from numba import cuda
 
+        if "simulator" in getattr(cuda.to_device, "__module__", ""):  # NUMBA_ENABLE_CUDASIM=1
+            return True, "numba CUDA simulator"
         if not cuda.is_available():
             return False, "numba.cuda finds no CUDA driver or device"
         dev = cuda.get_current_device()

@@ -186,8 +186,10 @@ class GpuLayer:
         return out
 
     def _heads(self, y, n_head):
-        """(n_tok, n_head * d) -> (n_tok, n_head, d) view."""
-        return y.reshape(y.shape[0], n_head, self.cfg.head_dim)
+        """(n_tok, n_head * d), or (n_tok * n_head, d) after a per-head norm, -> (n_tok, n_head,
+        d) view."""
+        d = self.cfg.head_dim
+        return y.reshape(y.size // (n_head * d), n_head, d)
 
     def _rope(self, x, pos):
         n = x.shape[0] * x.shape[1] * (self.cfg.n_rot // 2)
