@@ -18,3 +18,21 @@ def test_kernel_matvec_on_the_gpu_or_a_stated_skip():
     assert sorted(mv) == ["F32", "Q4_0", "Q4_K"]
     for m in mv.values():
         assert m.shape[0] * m.shape[1] > 0 and 1 < m.gbps.mean < 50_000
+
+
+def test_measured_kernels_make_a_gpu_entry_the_planner_reads():
+    from types import SimpleNamespace
+
+    from planner.profiles import _Fields, _gpu
+    from profiler import report
+    from profiler.stats import Stat
+
+    mv = {"Q4_K": gpu.KernelMatvec("Q4_K", Stat((218.0, 220.0)), Stat((60.0, 61.0)), (8, 4096))}
+    g = gpu.GpuInfo(0, "NVIDIA H200", 139.8, 100.0, 139.3, Stat((3354.0,)), matvec=mv)
+    entry = report._gpu_profile(SimpleNamespace(gpus=[g]))
+    parsed = _gpu(_Fields(entry, "test"), "linux")
+    assert parsed.is_cuda and parsed.vram_free_gib == 100.0
+    assert parsed.matvec["Q4_K"].gbps == 219.0
+    extra = report._gpu_extra(SimpleNamespace(gpus=[g], gpu_reason=""))
+    assert extra["usable_by_prima_ref"]
+    assert report._gpu_profile(SimpleNamespace(gpus=[gpu.GpuInfo(0, "x", 1, 1, 1, None)])) is None
