@@ -60,7 +60,7 @@ def test_gpu_layer_matches_cpu_layer(tiny_model):
     out1 = gpu.forward_layers(x1, np.array([3]), 0, 2)
     for a, b in ((out, ref), (out1, ref1)):
         err = np.sum((a.astype(np.float64) - b) ** 2) / np.sum(b.astype(np.float64) ** 2)
-        assert err < 1e-9, err
+        assert err < 1e-6, err  # int8 rounding flips give ~1e-7 at most
     gpu.kv_remove(0)
     k = gpu.gpu[1].k_cache.copy_to_host()
     assert not k.any()
@@ -98,3 +98,74 @@ def test_without_cuda_ngl_keeps_every_layer_on_the_cpu(tmp_path):
     assert out.stdout.split()[0] == "0"
     gpu_lines = [ln for ln in out.stderr.splitlines() if ln.startswith("[gpu]")]
     assert len(gpu_lines) == 1 and "stays on the CPU" in gpu_lines[0]
+
+
+def tiny_gemma3(path):
+    """A 2-layer gemma3 file with random weights: q/k norms, post norms, GELU, a sliding
+    window of 2 (layer 1 is local), tied head; only types gguf can quantize."""
+    import gguf
+    from gguf import GGMLQuantizationType as Q
+    from gguf import quants as gq
+
+    n_embd, n_ff, n_head, n_kv, hd, n_vocab = 64, 128, 2, 1, 32, 64
+    rng = np.random.default_rng(9)
+    w = gguf.GGUFWriter(path, arch="gemma3")
+    w.add_context_length(64)
+    w.add_embedding_length(n_embd)
+    w.add_feed_forward_length(n_ff)
+    w.add_block_count(2)
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_kv)
+    w.add_key_length(hd)
+    w.add_value_length(hd)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_rope_freq_base(1000000.0)
+    w.add_uint32("gemma3.attention.sliding_window", 2)
+
+    def mat(name, rows, cols, qtype):
+        x = (rng.standard_normal((rows, cols)) / np.sqrt(cols)).astype(np.float32)
+        w.add_tensor(name, gq.quantize(x, qtype), raw_dtype=qtype)
+
+    def vec(name, n):
+        w.add_tensor(name, (1.0 + 0.2 * rng.standard_normal(n)).astype(np.float32))
+
+    mat("token_embd.weight", n_vocab, n_embd, Q.Q8_0)
+    vec("output_norm.weight", n_embd)
+    types = (Q.Q8_0, Q.Q5_0, Q.Q4_1, Q.Q5_1, Q.Q4_0, Q.Q8_0, Q.Q5_0)
+    for il in range(2):
+        p = f"blk.{il}."
+        for n in ("attn_norm", "ffn_norm", "post_attention_norm", "post_ffw_norm"):
+            vec(p + n + ".weight", n_embd)
+        vec(p + "attn_q_norm.weight", hd)
+        vec(p + "attn_k_norm.weight", hd)
+        shapes = [("attn_q", n_head * hd, n_embd), ("attn_k", n_kv * hd, n_embd),
+                  ("attn_v", n_kv * hd, n_embd), ("attn_output", n_embd, n_head * hd),
+                  ("ffn_gate", n_ff, n_embd), ("ffn_up", n_ff, n_embd), ("ffn_down", n_embd, n_ff)]
+        for (n, r, c), t in zip(shapes, types, strict=True):
+            mat(p + n + ".weight", r, c, t)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.mark.skipif(SIM and not os.environ.get("PRIMA_GPU_SIM_SLOW"),
+                    reason="minutes under the CUDA simulator (PRIMA_GPU_SIM_SLOW=1 runs it); "
+                    "it runs on any machine with a CUDA device")
+def test_gemma3_gpu_layer_matches_cpu_layer(tmp_path):
+    from prima_ref.gguf_file import GGUFModel
+    from prima_ref.model.transformer import Transformer
+
+    with GGUFModel.open(tiny_gemma3(tmp_path / "g.gguf")) as g:
+        cpu = Transformer(g, 16)
+        gpu = Transformer(g, 16, gpu_layers=1)
+        assert cpu.cfg.qk_norm and cpu.cfg.post_norms and cpu.cfg.is_swa(1)
+        assert sorted(gpu.gpu) == [1]
+        for start, n in ((0, 4), (4, 1)):  # a prefill past the window, then a decode step
+            x = np.random.default_rng(start).standard_normal((n, 64)).astype(np.float32)
+            pos = np.arange(start, start + n)
+            ref = cpu.forward_layers(x, pos, 0, 2)
+            out = gpu.forward_layers(x, pos, 0, 2)
+            err = np.sum((out.astype(np.float64) - ref) ** 2) / np.sum(ref.astype(np.float64) ** 2)
+            assert err < 1e-6, err  # int8 rounding flips give ~1e-7 at most
