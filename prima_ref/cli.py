@@ -73,8 +73,12 @@ def _ring_flags(g) -> None:
     g.add_argument("-nip", "--next", "--next-node-ip", default="127.0.0.1", help="the next rank's address")
     g.add_argument("-lw", "--layer-window", "--n-layer-window", help='windows in rank order, rank 0 '
                    'only, e.g. "10,10,10"; k = layers / sum (default: an even split, k=1)')
-    g.add_argument("-ngl", "--gpu-layers", type=int, default=0, help="GPU layers per window (no GPU "
-                   "backend yet: ignored)")
+    g.add_argument("-ngl", "--gpu-layers", "--n-gpu-layers", type=int, default=None,
+                   help="run the last N layers of each window on the CUDA GPU (default: the plan's "
+                   "gpu_layers_per_window, else 0); without CUDA every layer stays on the CPU")
+    g.add_argument("--gpu-mem", type=float, default=None, metavar="GiB",
+                   help="GPU memory for layers; those beyond it stay on the CPU (default: 90%% of "
+                   "the free VRAM)")
     g.add_argument("--data-port", type=int, default=DATA_PORT_BASE, help="base; the port is base + rank")
     g.add_argument("--signal-port", type=int, default=SIGNAL_PORT_BASE, help="base; the port is base + rank")
     g.add_argument("--prefetch", action="store_true", help="madvise(WILLNEED) the next window after each")
@@ -134,11 +138,14 @@ def ring_options(args, path: Path):
         load_plan,
         model_sha256,
         parse_window_sizes,
+        plan_gpu_layers,
     )
 
     layout, sha = None, None
     if args.plan:
         plan = load_plan(args.plan)
+        if args.gpu_layers is None:
+            args.gpu_layers = plan_gpu_layers(plan.raw, args.rank)
         if plan.layout.world == 1:
             return None
         ep, layout, sha = plan.endpoints(args.rank), plan.layout, plan.sha256
@@ -155,12 +162,11 @@ def ring_options(args, path: Path):
                                               _n_layers(path))
     else:
         return None
-    if args.gpu_layers:
-        print("[ring] -ngl ignored: this build has no GPU backend", file=sys.stderr)
     ep = _with_curve(ep, args.curve)
     return RingOptions(ep, layout, sha, prefetch=args.prefetch, force=args.force,
                        release=args.release, join_timeout_s=args.ring_timeout,
-                       heartbeat_timeout_s=args.heartbeat_timeout, stats_json=args.stats_json)
+                       heartbeat_timeout_s=args.heartbeat_timeout, stats_json=args.stats_json,
+                       gpu_layers=args.gpu_layers or 0, gpu_mem_gib=args.gpu_mem)
 
 
 def _with_curve(ep, curve_arg):
@@ -305,7 +311,8 @@ def main(argv=None) -> int:
         except KeyboardInterrupt:
             return 130
     try:
-        engine = Engine(path, n_ctx=args.ctx_size, n_batch=args.batch_size, ring=ring)
+        engine = Engine(path, n_ctx=args.ctx_size, n_batch=args.batch_size, ring=ring,
+                        gpu_layers=args.gpu_layers or 0, gpu_mem_gib=args.gpu_mem)
     except RingError as err:
         print(f"prima-cli: the ring did not form: {err}", file=sys.stderr)
         return 3

@@ -66,7 +66,8 @@ class Engine:
     """One device holding every layer, or rank 0 of a ring (`ring` given): then it holds the
     embedding, the output head and its own windows, and each forward goes round the ring."""
 
-    def __init__(self, path, n_ctx: int = 4096, n_batch: int = 512, ring=None):
+    def __init__(self, path, n_ctx: int = 4096, n_batch: int = 512, ring=None, gpu_layers: int = 0,
+                 gpu_mem_gib: float | None = None):
         t0 = time.perf_counter()
         self.gguf = GGUFModel.open(path)
         self.tokenizer = Tokenizer.from_metadata(self.gguf.get)
@@ -75,13 +76,14 @@ class Engine:
         self.n_batch = max(1, n_batch)
         self.ring = None
         if ring is None:
-            self.model = Transformer(self.gguf, n_ctx)
+            self.model = Transformer(self.gguf, n_ctx, gpu_layers=gpu_layers, gpu_mem_gib=gpu_mem_gib)
             self._forward = self.model.forward
         else:
             from prima_ref.ring.head import Head
             from prima_ref.ring.topology import model_sha256
 
-            self.model = Transformer(self.gguf, n_ctx, layers=ring.layout.layers_of(0), head=True)
+            self.model = Transformer(self.gguf, n_ctx, layers=ring.layout.layers_of(0), head=True,
+                                     gpu_layers=gpu_layers, gpu_mem_gib=gpu_mem_gib)
             self.ring = Head(ring, self.gguf, self.model, n_batch=self.n_batch,
                              sha256=ring.sha256 or model_sha256(path))
             self._forward = self.ring.forward

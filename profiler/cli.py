@@ -263,12 +263,14 @@ def _profile_gpu(args, s: Settings):
     if args.no_gpu:
         return [], "--no-gpu"
     try:
-        gpus = gpu.probe_gpus(args.gpu_mem, s.repeats)
+        gpus = gpu.with_kernel_matvec(gpu.probe_gpus(args.gpu_mem, s.repeats), s.repeats)
     except gpu.CudaUnavailable as e:
         log(f"gpu: none ({e})")
         return [], str(e)
     for g in gpus:
-        log(f"gpu {g.index}: {g.name}, {g.vram_free_gib:.1f}/{g.vram_total_gib:.1f} GiB free")
+        log(f"gpu {g.index}: {g.name}, {g.vram_free_gib:.1f}/{g.vram_total_gib:.1f} GiB free"
+            + (", prima_ref kernels measured" if g.matvec else
+               f", no kernel figures ({g.matvec_reason})" if g.matvec_reason else ""))
     return gpus, ""
 
 

@@ -1,13 +1,12 @@
-"""CUDA GPUs through the driver API (libcuda via ctypes): no toolkit or Python package needed.
+"""CUDA GPUs: the driver API (libcuda via ctypes) for what any CUDA device has, and
+prima_ref's own GPU kernels (prima_ref.gpu, numba.cuda) for what prima-ref gets from it.
 
 Per GPU: name, free and total VRAM (free capped by `--gpu-mem`), and VRAM bandwidth from
 device-to-device copies of a 256 MiB buffer (each copy reads and writes every byte, so the
 figure is 2 x bytes / time: the traffic the memory sustained, which bounds a streaming read).
-
-prima_ref has no CUDA kernels yet, so there is no per-quant-type matvec figure to measure, and
-the device profile's planner-facing `gpu` stays null (prima-plan would otherwise put layers on
-a GPU nothing can run them on); the measured GPU goes under `extra.gpu`. When GPU kernels land,
-time them here as compute.py does for the CPU and fill `gpu.matvec`.
+When numba.cuda can run prima_ref's kernels there, `kernel_matvec` times the decode matvec of
+every GPU quant type on a weight matrix larger than the L2 (CUDA events, weight bytes / time):
+the device profile's `gpu.matvec` that prima-plan reads.
 """
 
 from __future__ import annotations
@@ -31,6 +30,8 @@ class GpuInfo:
     vram_free_gib: float  # capped by --gpu-mem
     vram_free_uncapped_gib: float
     bandwidth_gbps: Stat | None
+    matvec: dict | None = None  # qtype -> KernelMatvec, when prima_ref's kernels ran here
+    matvec_reason: str = ""  # why matvec is None
 
 
 class CudaUnavailable(RuntimeError):
@@ -116,10 +117,99 @@ def _copy_bandwidth(cu, n_bytes: int, repeats: int) -> Stat:
         cu.cuMemFree_v2(src)
 
 
+@dataclass(frozen=True)
+class KernelMatvec:
+    qtype: str
+    gbps: Stat  # weight bytes streamed per second
+    gflops: Stat  # 2 * rows * cols per matvec, per second
+    shape: tuple[int, int]
+
+
+# byte offsets of the f16 scales in one block: set to small finite values in the test matrix
+_F16_FIELDS = {"Q4_0": (18, [0]), "Q4_1": (20, [0, 2]), "Q5_0": (22, [0]), "Q5_1": (24, [0, 2]),
+               "Q8_0": (34, [0]), "Q4_K": (144, [0, 2]), "Q6_K": (210, [208])}
+KERNEL_QTYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q6_K", "F16", "F32")
+
+
+def _matrix(qtype: str, n_rows: int, n_cols: int, rng):
+    """(n_rows, row_bytes) uint8 of random blocks (never zeros) with finite scales."""
+    import numpy as np
+
+    if qtype == "F32":
+        return rng.standard_normal((n_rows, n_cols), dtype=np.float32).view(np.uint8)
+    if qtype == "F16":
+        return rng.standard_normal((n_rows, n_cols)).astype(np.float16).view(np.uint8)
+    block_bytes, fields = _F16_FIELDS[qtype]
+    weights = 256 if qtype.endswith("_K") else 32
+    blocks = rng.integers(0, 256, (n_rows * n_cols // weights, block_bytes), dtype=np.uint8)
+    scale = np.full(blocks.shape[0], 0.01, np.float16).view(np.uint8).reshape(-1, 2)
+    for off in fields:
+        blocks[:, off:off + 2] = scale
+    return blocks.reshape(n_rows, -1)
+
+
+def kernel_matvec(repeats: int, matrix_mib: int = 256, n_cols: int = 4096,
+                  qtypes=KERNEL_QTYPES) -> dict[str, KernelMatvec]:
+    """Decode matvec (activation quantization included) of each type with prima_ref's GPU
+    kernels; raises CudaUnavailable when numba.cuda has no device."""
+    from prima_ref.gpu import cuda_status
+
+    ok, why = cuda_status()
+    if not ok or "simulator" in why:
+        raise CudaUnavailable(why if not ok else "only the CUDA simulator: nothing to time")
+    import numpy as np
+    from gguf.constants import GGMLQuantizationType
+    from numba import cuda
+
+    from prima_ref.gpu.layer import Activation, GpuWeight, workspace
+
+    ws, rng, out = workspace(), np.random.default_rng(0), {}
+    for qtype in qtypes:
+        raw1 = _matrix(qtype, 1, n_cols, rng)
+        n_rows = max(1, (matrix_mib * MIB) // raw1.nbytes)
+        w = GpuWeight(qtype, int(GGMLQuantizationType[qtype]), _matrix(qtype, n_rows, n_cols, rng))
+        x = cuda.to_device(rng.standard_normal((1, n_cols)).astype(np.float32))
+        w(Activation(ws, "prof", x), "prof.y")  # compile
+        cuda.synchronize()
+        secs = []
+        for _ in range(max(1, repeats)):
+            start, stop = cuda.event(), cuda.event()
+            start.record()
+            for _ in range(10):
+                w(Activation(ws, "prof", x), "prof.y")
+            stop.record()
+            stop.synchronize()
+            secs.append(cuda.event_elapsed_time(start, stop) / 1e3 / 10)
+        out[qtype] = KernelMatvec(qtype, Stat(tuple(w.nbytes / s / 1e9 for s in secs)),
+                                  Stat(tuple(2 * n_rows * n_cols / s / 1e9 for s in secs)),
+                                  (n_rows, n_cols))
+        del w
+    return out
+
+
+def with_kernel_matvec(gpus: list[GpuInfo], repeats: int) -> list[GpuInfo]:
+    """The first GPU (the one numba.cuda uses) with its kernel matvec figures, or the reason."""
+    import dataclasses
+
+    if not gpus:
+        return gpus
+    try:
+        mv, reason = kernel_matvec(repeats), ""
+    except CudaUnavailable as e:
+        mv, reason = None, str(e)
+    except Exception as e:  # a kernel that fails to build must not lose the rest of the profile
+        mv, reason = None, f"prima_ref GPU kernels failed: {type(e).__name__}: {e}"
+    return [dataclasses.replace(gpus[0], matvec=mv, matvec_reason=reason)] + gpus[1:]
+
+
 if __name__ == "__main__":  # python -m profiler.gpu: a quick look without the rest
     try:
-        for g in probe_gpus(None, 3):
+        for g in with_kernel_matvec(probe_gpus(None, 3), 3):
             print(g.index, g.name, f"{g.vram_free_gib:.1f}/{g.vram_total_gib:.1f} GiB free",
                   f"{g.bandwidth_gbps.fmt(0)} GB/s")
+            for q, m in (g.matvec or {}).items():
+                print(f"  matvec {q}: {m.gbps.fmt(0)} GB/s {m.shape}")
+            if g.matvec is None:
+                print(f"  no kernel figures: {g.matvec_reason}")
     except CudaUnavailable as e:
         print(f"no GPU: {e}")

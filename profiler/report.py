@@ -94,7 +94,7 @@ def device_profile(run: DeviceRun) -> dict:
         "disk": {"seq_read_gbps": disk.seq_read_gbps.mean if disk else ASSUMED_SEQ_READ_GBPS,
                  "rnd_read_gbps": disk.rnd_read_gbps.mean if disk else ASSUMED_RND_READ_GBPS,
                  "free_gib": run.disk_target.free_gib if run.disk_target else 0.0},
-        "gpu": None,  # gpu.py: no CUDA kernels in prima_ref yet; the measured GPU is in extra
+        "gpu": _gpu_profile(run),  # None unless prima_ref's GPU kernels ran on it
         "network": {"latency_ms": net.latency_ms.mean if net else ASSUMED_LATENCY_MS,
                     "bandwidth_gbps": net.bandwidth_gbps.mean if net
                     else ASSUMED_BANDWIDTH_GBPS},
@@ -168,11 +168,26 @@ def _disk_extra(run: DeviceRun) -> dict:
             "file_kind": d.file_kind, "write_seq_gbps": d.write_gbps}
 
 
+def _gpu_profile(run: DeviceRun) -> dict | None:
+    """The planner-facing GPU: the first one, when prima_ref's kernels were timed on it."""
+    g = run.gpus[0] if run.gpus else None
+    if g is None or not g.matvec:
+        return None
+    return {"name": g.name, "is_cuda": True, "has_metal": False,
+            "vram_total_gib": g.vram_total_gib, "vram_free_gib": g.vram_free_gib,
+            "bandwidth_gbps": g.bandwidth_gbps.mean if g.bandwidth_gbps else
+            max(m.gbps.mean for m in g.matvec.values()),
+            "matvec": {q: {"gbps": m.gbps.mean, "gflops": m.gflops.mean}
+                       for q, m in g.matvec.items()}}
+
+
 def _gpu_extra(run: DeviceRun) -> dict:
     if not run.gpus:
         return {"present": False, "reason": run.gpu_reason}
-    return {"present": True, "usable_by_prima_ref": False,
-            "reason": "prima_ref has no CUDA kernels yet: no matvec figures, profile 'gpu' null",
+    usable = bool(run.gpus[0].matvec)
+    return {"present": True, "usable_by_prima_ref": usable,
+            "reason": "prima_ref's GPU kernels timed on device 0" if usable else
+            (run.gpus[0].matvec_reason or "prima_ref's GPU kernels did not run"),
             "devices": [{"index": g.index, "name": g.name, "vram_total_gib": g.vram_total_gib,
                          "vram_free_gib": g.vram_free_gib,
                          "vram_free_uncapped_gib": g.vram_free_uncapped_gib,

@@ -116,12 +116,17 @@ class Transformer:
     token goes round the ring k times (e.g. [0, 1, 2, 10, 11, 12])."""
 
     def __init__(self, model, n_ctx: int, layers: Iterable[int] | None = None, head: bool = True,
-                 kv_f16: bool = True):
+                 kv_f16: bool = True, gpu_layers: int = 0, gpu_mem_gib: float | None = None):
         self.cfg = cfg = ModelConfig.from_gguf(model)
         self.n_ctx = n_ctx
         self.layer_ids = range(cfg.n_layer) if layers is None else _layer_set(layers, cfg.n_layer)
         self.layers = {il: Layer(model, cfg, il) for il in self.layer_ids}
         self.kv = {il: KVCache(n_ctx, cfg.n_head_kv, cfg.head_dim, kv_f16) for il in self.layer_ids}
+        self.gpu = {}  # layer id -> GpuLayer: the last gpu_layers of each window (prima_ref.gpu)
+        if gpu_layers > 0:
+            from prima_ref.gpu import offload_layers
+
+            self.gpu = offload_layers(model, cfg, self.layers, n_ctx, gpu_layers, gpu_mem_gib)
         if head:
             self.tok_embd = _weight(model, "token_embd.weight")
             self.output_norm = _vector(model, "output_norm.weight")
@@ -150,7 +155,7 @@ class Transformer:
         if missing:
             raise ValueError(f"layers {missing} are not held here (held: {list(self.layer_ids)})")
         for il in range(first, last):
-            x = self._layer(il, x, positions)
+            x = self.gpu[il](x, positions) if il in self.gpu else self._layer(il, x, positions)
         return x
 
     def kv_remove(self, p0: int = 0, p1: int | None = None) -> None:
@@ -158,6 +163,8 @@ class Transformer:
         for cache in self.kv.values():
             cache.k[p0:p1] = 0.0
             cache.v[p0:p1] = 0.0
+        for gpu_layer in self.gpu.values():
+            gpu_layer.kv_remove(p0, p1)
 
     def _norm(self, x, weight):
         out = np.empty_like(x)

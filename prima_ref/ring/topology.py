@@ -201,6 +201,18 @@ def load_plan(path) -> Plan:
         raise RingSetupError(f"{path}: malformed plan ({type(err).__name__}: {err})") from None
 
 
+def plan_gpu_layers(raw: dict, rank: int) -> int:
+    """A plan's GPU layers per window for a rank (prima-plan's n_m): gpu_layers_per_window, else
+    the longest of its per-window gpu_layers lists; 0 when the plan names none."""
+    try:
+        r = next(r for r in raw["ranks"] if int(r["rank"]) == rank)
+    except (KeyError, StopIteration, TypeError, ValueError):
+        return 0
+    n = int(r.get("gpu_layers_per_window") or 0)
+    lists = r.get("gpu_layers") or []
+    return max([n] + [len(w) for w in lists if isinstance(w, list)])
+
+
 def make_plan(model_path, layout: Layout, *, ctx: int, hosts: list[str] | None = None,
               data_port: int = DATA_PORT_BASE, signal_port: int = SIGNAL_PORT_BASE,
               sha256: str | None = None) -> dict:
@@ -278,3 +290,5 @@ class RingOptions:
     master_timeout_s: float = 5.0  # a worker leaves when rank 0 is silent this long
     reply_timeout_s: float = 120.0  # watchdog: a live ring that returns nothing for this long
     stats_json: str | None = None  # workers: write memory and timing numbers here at exit
+    gpu_layers: int = 0  # the last n layers of each of this rank's windows run on its GPU
+    gpu_mem_gib: float | None = None  # GPU memory cap for those layers (None: 90% of free VRAM)

@@ -96,7 +96,8 @@ class _Worker:
         self.windows = [list(w) for w in self.layout.windows[self.rank]]
         self.n_ctx, self.n_batch, self.n_embd = int(config["n_ctx"]), int(config["n_batch"]), int(config["n_embd"])
         t0 = time.perf_counter()
-        self.model = Transformer(gguf, self.n_ctx, layers=self.layout.layers_of(self.rank), head=False)
+        self.model = Transformer(gguf, self.n_ctx, layers=self.layout.layers_of(self.rank), head=False,
+                                 gpu_layers=opts.gpu_layers, gpu_mem_gib=opts.gpu_mem_gib)
         self.pager = WindowPager(gguf, self.windows, prefetch=opts.prefetch, force=opts.force,
                                  release=opts.release)
         self.gguf_path = gguf.path
