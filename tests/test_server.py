@@ -139,11 +139,17 @@ def test_stop_seed_and_concurrent_requests(server, reference):
     sampled = [c.completions.create(model="smol", prompt=PROMPT, temperature=1.0, seed=7,
                                     max_tokens=8).choices[0].text for _ in range(2)]
     assert sampled[0] == sampled[1]
-    # two requests at once: both slots decode in one batch; each answer is a full one
+    concurrent_pair(server["base"])
+
+
+def concurrent_pair(base: str) -> None:
+    """Two requests at once: both slots decode in one batch; each answer is a full one."""
+    c = client(base)
+    before = httpx.get(base + "/health").json()
     out = [None, None]
 
     def go(i):
-        out[i] = c.chat.completions.create(**chat_kwargs()).choices[0]
+        out[i] = c.chat.completions.create(**{**chat_kwargs(), "max_tokens": 24}).choices[0]
 
     threads = [threading.Thread(target=go, args=(i,)) for i in range(2)]
     for t in threads:
@@ -151,6 +157,10 @@ def test_stop_seed_and_concurrent_requests(server, reference):
     for t in threads:
         t.join(120)
     assert all(o is not None and o.message.content for o in out)
+    after = httpx.get(base + "/health").json()
+    steps = after["decode_steps"] - before["decode_steps"]
+    rows = after["decode_rows"] - before["decode_rows"]
+    assert steps < rows <= 2 * steps  # some steps carried both slots
 
 
 BAD = [
@@ -253,6 +263,7 @@ def test_two_rank_ring_server_equals_prima_cli(tmp_path, smollm2_path, reference
             streamed = "".join(x.choices[0].text for x in c.completions.create(
                 model="smol", prompt=PROMPT, temperature=0, max_tokens=N, stream=True) if x.choices)
             assert streamed == reference["text"]
+            concurrent_pair(base)  # rows of slots 0 and 1 in one pass round the ring
             p.terminate()
             assert p.wait(30) == 0, ch.logs()
             assert ring.wait(15) == {1: 0}, ring.log(1)  # rank 1 left on STOP
