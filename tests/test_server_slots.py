@@ -80,3 +80,22 @@ def test_server_flags_refuse_wildcard_cors_and_know_loopback(capsys):
         with pytest.raises(SystemExit):
             _check_args(p, p.parse_args(argv))
         assert why in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("params", [
+    dict(),  # llama.cpp's defaults: top-k 40, top-p 0.95, min-p 0.05, temp 0.8
+    dict(temperature=1.5, top_p=1.0, min_p=0.0, top_k=5),
+    dict(temperature=0.7, repeat_penalty=1.3, top_k=100),
+], ids=["defaults", "k5", "penalty"])
+def test_fast_sampler_draws_the_tokens_of_sampler(params):
+    from prima_ref.sampling import Sampler, SamplingParams
+    from prima_ref.server.sampler import FastSampler
+
+    rng = np.random.default_rng(3)
+    sp = SamplingParams(seed=11, **params)
+    slow, fast = Sampler(sp), FastSampler(sp)
+    for step in range(300):
+        logits = (rng.standard_normal(5000) * rng.uniform(0.5, 6)).astype(np.float32)
+        if step % 3 == 0:  # exact ties around the k-th value
+            logits = np.round(logits, 1)
+        assert fast.sample(logits) == slow.sample(logits), step

@@ -139,8 +139,10 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _check_args(parser, args)
-    if args.plan or args.world > 1:
-        os.environ.setdefault("GOMP_SPINCOUNT", "0")  # see prima_ref/cli.py
+    # OpenMP threads that spin while idle steal the cores the HTTP thread needs between kernel
+    # calls (and a ring's other ranks', see prima_ref/cli.py): 3-8x slower streams measured
+    # with 1 and 4 clients on 2 cores. Must be set before numba starts its OpenMP pool.
+    os.environ.setdefault("GOMP_SPINCOUNT", "0")
     from prima_ref.quants import set_num_threads
 
     if args.threads:
