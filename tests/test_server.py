@@ -209,6 +209,7 @@ def _busy(base) -> int:
 def test_disconnect_mid_stream_frees_the_slot(server):
     base, headers = server["base"], {"Authorization": f"Bearer {KEY}"}
     body = {"prompt": PROMPT, "max_tokens": 400, "stream": True, "temperature": 0}
+    rows0 = httpx.get(base + "/health").json()["decode_rows"]
     with httpx.stream("POST", base + "/v1/completions", json=body, headers=headers, timeout=60) as r:
         assert r.status_code == 200
         lines = r.iter_lines()
@@ -219,7 +220,21 @@ def test_disconnect_mid_stream_frees_the_slot(server):
     while _busy(base) != 0 and time.monotonic() < deadline:
         time.sleep(0.1)
     assert _busy(base) == 0
+    assert httpx.get(base + "/health").json()["decode_rows"] - rows0 < 200  # not run to the end
     assert "went away" in server["ch"].err("server")
+
+
+def test_disconnect_while_waiting_for_a_full_answer_frees_the_slot(server):
+    base, headers = server["base"], {"Authorization": f"Bearer {KEY}"}
+    body = {"prompt": PROMPT, "max_tokens": 400, "temperature": 0}
+    rows0 = httpx.get(base + "/health").json()["decode_rows"]
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(base + "/v1/completions", json=body, headers=headers, timeout=1.5)
+    deadline = time.monotonic() + 20
+    while _busy(base) != 0 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _busy(base) == 0
+    assert httpx.get(base + "/health").json()["decode_rows"] - rows0 < 200
 
 
 def test_cancel_by_task_id(server):

@@ -425,23 +425,29 @@ async def _sse(shape: _Shape, events: asyncio.Queue, job: Job, include_usage: bo
 
 
 async def _collect(shape: _Shape, events: asyncio.Queue, job: Job, request: Request, headers):
-    """A non-streaming answer; while waiting, a client that disconnects cancels the job."""
+    """A non-streaming answer; a client that disconnects meanwhile cancels the job."""
+
+    async def watch():  # the body is read: the next ASGI message can only be the disconnect
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        if not job.finished:
+            log(f"task {job.id}: the client went away; freeing its slot")
+        job.cancelled.set()
+        events.put_nowait(("gone",))
+
+    watcher = asyncio.create_task(watch())
     pieces = []
     try:
         while True:
-            try:
-                ev = await asyncio.wait_for(events.get(), timeout=0.5)
-            except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    log(f"task {job.id}: the client went away; freeing its slot")
-                    job.cancelled.set()
-                    return error_response(499, "client closed the request")
-                continue
+            ev = await events.get()
             if ev[0] == "text":
                 pieces.append(ev[1])
+            elif ev[0] == "gone":
+                return error_response(499, "client closed the request")
             elif ev[0] == "error":
                 return error_response(ev[1], ev[2], type_="server_error")
             else:
                 return JSONResponse(shape.full("".join(pieces), ev[1]), headers=headers)
     finally:
+        watcher.cancel()
         job.cancelled.set()  # no effect on a finished job
