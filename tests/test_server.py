@@ -173,6 +173,7 @@ BAD = [
     (json.dumps({"messages": [{"role": "wizard", "content": "x"}]}).encode(), 400),
     (json.dumps({"messages": [{"role": "user", "content": "x"}], "max_tokens": 10**9}).encode(), 400),
     (json.dumps({"messages": [{"role": "user", "content": "x"}], "model": "gpt-9"}).encode(), 404),
+    (b"[" * 100_000 + b"]" * 100_000, 400),
     (b'{"messages": [{"role": "user", "content": "' + b"a" * (10 << 20) + b'"}]}', 413),
 ]
 
@@ -180,7 +181,7 @@ BAD = [
 @pytest.mark.parametrize("body,status", BAD, ids=["malformed", "array", "messages-type",
                                                   "temperature-type", "max-tokens-float",
                                                   "stream-type", "role", "huge-max-tokens",
-                                                  "unknown-model", "10MB"])
+                                                  "unknown-model", "deep-nesting", "10MB"])
 def test_bad_input_gets_4xx_and_server_keeps_serving(server, body, status):
     r = httpx.post(server["base"] + "/v1/chat/completions", content=body, timeout=60,
                    headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})

@@ -86,6 +86,8 @@ async def read_json(request: Request, limit: int) -> dict:
         value = json.loads(body)
     except (ValueError, UnicodeDecodeError) as err:
         raise ApiError(400, f"the body is not valid JSON: {err}") from None
+    except RecursionError:
+        raise ApiError(400, "the body nests JSON too deeply") from None
     if not isinstance(value, dict):
         raise ApiError(400, f"the body must be a JSON object, got {type(value).__name__}")
     return value
@@ -305,6 +307,10 @@ def build_app(state: State, cors_origins: list[str] | None = None) -> Starlette:
         return error_response(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}",
                               type_="invalid_request_error" if exc.status_code < 500 else "server_error")
 
+    async def crashed(request: Request, exc: Exception):
+        log(f"{request.method} {request.url.path} failed: {type(exc).__name__}: {exc}")
+        return error_response(500, f"internal error: {type(exc).__name__}", type_="server_error")
+
     routes = [
         Route("/health", health, methods=["GET"]),
         route("/v1/models", models, ["GET"]),
@@ -321,7 +327,7 @@ def build_app(state: State, cors_origins: list[str] | None = None) -> Starlette:
                                      allow_methods=["GET", "POST"],
                                      allow_headers=["authorization", "content-type"]))
     return Starlette(routes=routes, middleware=middleware,
-                     exception_handlers={HTTPException: not_found})
+                     exception_handlers={HTTPException: not_found, Exception: crashed})
 
 
 async def _complete(state: State, request: Request, body: dict, ids: list[int], *, chat: bool):
