@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alias", help="model id in the API (default: the file name without .gguf)")
     p.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES)
     p.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a slot")
+    p.add_argument("--decode-batching", choices=["auto", "always"], default="auto",
+                   help="auto: time 1..N-row decode forwards at startup and step rows one by one "
+                        "where that is cheaper; always: every decode step is one batch")
     p.add_argument("--cors-origin", action="append", default=[],
                    help="allow browser pages from this origin (repeatable; no wildcard)")
     g = p.add_argument_group("sampling defaults (a request's own fields win)")
@@ -102,7 +105,10 @@ def _load(state, args, path: Path, ring, on_fail) -> None:
         engine = Engine(path, n_ctx=n_ctx, n_batch=args.batch_size, ring=ring, n_slots=args.parallel)
         state.template = template_from_metadata(engine.gguf.get)
         state.engine = engine
-        state.scheduler = Scheduler(engine, max_queue=args.max_queue)
+        if args.parallel > 1 and args.decode_batching == "auto":
+            state.status = "timing decode batches"
+        state.scheduler = Scheduler(engine, max_queue=args.max_queue,
+                                    calibrate=args.decode_batching == "auto")
         state.status = "ok"
         log(f"{path.name}: {engine.model.cfg.arch}, {engine.model.cfg.n_layer} layers, "
             f"{args.parallel} slot(s) of {n_ctx} positions, loaded in {engine.load_ms:.0f} ms; ready")

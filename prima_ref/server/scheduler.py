@@ -3,7 +3,8 @@
 Requests wait in a queue until a slot is free. Each turn of the loop evaluates one prompt
 chunk (at most n_batch tokens) of one request that is still reading its prompt, then one
 decode step for every request that is generating: their next tokens go through the model as
-one batch (one forward, one pass round a ring). A request whose client went away is dropped
+one batch (one forward, one pass round a ring), unless stepping them one by one has measured
+cheaper at startup (see Scheduler._split). A request whose client went away is dropped
 at the next turn and its slot is free again.
 
 Events go back to the HTTP side through `Job.emit` (thread-safe): ("text", str) pieces, then
@@ -25,6 +26,7 @@ from prima_ref.sampling import Sampler
 from prima_ref.tokenizer import StreamDecoder
 
 IDLE_WAIT_S = 0.05
+CALIBRATION_REPEATS = 3
 
 
 def log(msg: str) -> None:
@@ -54,7 +56,7 @@ class Job:
 
 
 class Scheduler:
-    def __init__(self, engine, max_queue: int = 64):
+    def __init__(self, engine, max_queue: int = 64, calibrate: bool = True):
         self.engine = engine
         self.n_slots = engine.n_slots
         self.slots: list[Job | None] = [None] * self.n_slots
@@ -67,6 +69,9 @@ class Scheduler:
         self._wake = threading.Event()
         self.failure: str | None = None  # set when the engine cannot serve any more
         self.stats = {"decode_steps": 0, "decode_rows": 0, "prompt_chunks": 0}
+        self.step_s: dict[int, float] = {}  # wall time of a decode forward, by row count
+        if calibrate and self.n_slots > 1:
+            self._calibrate()
         self._thread = threading.Thread(target=self._run, name="prima-scheduler", daemon=True)
         self._thread.start()
 
@@ -203,13 +208,43 @@ class Scheduler:
         rows = [j for j in self.slots if j is not None and j.next_token is not None]
         if not rows:
             return False
-        logits = self.engine.decode([j.slot for j in rows], [j.next_token for j in rows])
-        self.stats["decode_steps"] += 1
-        self.stats["decode_rows"] += len(rows)
-        for job, row in zip(rows, logits):
-            job.next_token = None
-            self._take(job, row)
+        groups = [[j] for j in rows] if self._split(len(rows)) else [rows]
+        for group in groups:
+            logits = self.engine.decode([j.slot for j in group], [j.next_token for j in group])
+            self.stats["decode_steps"] += 1
+            self.stats["decode_rows"] += len(group)
+            for job, row in zip(group, logits):
+                job.next_token = None
+                self._take(job, row)
         return True
+
+    def _calibrate(self) -> None:
+        """Time a decode forward of 1..n_slots rows (best of CALIBRATION_REPEATS, wall time,
+        so a ring's passes count) on throw-away tokens; the slots are emptied again."""
+        eng = self.engine
+        for n in (1, 2):  # warm: kernels loaded from numba's cache, weight pages mapped in
+            eng.decode(list(range(n)), [eng.tokenizer.bos_id or 0] * n)
+        for n in range(1, self.n_slots + 1):
+            best = float("inf")
+            for _ in range(CALIBRATION_REPEATS):
+                t0 = time.perf_counter()
+                eng.decode(list(range(n)), [eng.tokenizer.bos_id or 0] * n)
+                best = min(best, time.perf_counter() - t0)
+            self.step_s[n] = best
+        for s in range(self.n_slots):
+            eng.kv_remove(0, s)
+        split = [n for n in range(2, self.n_slots + 1) if self._split(n)]
+        log("decode forward by rows: " + ", ".join(f"{n}: {t * 1e3:.1f} ms"
+                                                   for n, t in self.step_s.items())
+            + (f"; {split} rows go one by one (cheaper)" if split else ""))
+
+    def _split(self, n_rows: int) -> bool:
+        """Step the rows one by one where that measured cheaper than one batch of them: a
+        batched product can cost more than its rows alone (the legacy-quant matmul pads a
+        batch to 8 token lanes, so 2 rows cost about what 8 do)."""
+        if n_rows == 1 or n_rows not in self.step_s:
+            return False
+        return n_rows * self.step_s[1] < self.step_s[n_rows]
 
     def _take(self, job: Job, logits: np.ndarray) -> None:
         """Sample the job's next token from its logits; emit text, or finish."""
