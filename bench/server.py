@@ -133,7 +133,7 @@ from prima_ref.server.sampler import FastSampler
 set_num_threads(1)
 e = Engine(sys.argv[1], n_ctx=256, n_batch=64, n_slots=8)
 for s in range(8):
-    e.eval([1, 504, 3101, 1129, 253, 6431, 30], s)
+    e.eval([1, 504, 3101, 1129, 253, 6431, 30], slot=s)
 out = {}
 for n in (1, 2, 4, 8):
     slots = list(range(n))
@@ -220,7 +220,8 @@ def report(results: list[dict], args, load_start: list[str], load_end: tuple, co
               "with the server's FastSampler (same draws). The legacy-quant matmul pads a batch "
               "to 8 token lanes (prima_ref/quants/legacy.py TOKEN_LANES), so 2 to 8 rows cost "
               "about what 8 do: the batching gain appears at 8 clients; at 4 it needs a "
-              "small-batch kernel."]
+              "small-batch kernel. The server times these forwards at startup and steps 2 or 3 "
+              "rows one by one where that is cheaper (its log and /health show the choice)."]
     lines += ["", "Per-token latency is the gap between consecutive content chunks of one "
               "stream (one token each, except where a UTF-8 character or a stop-string prefix "
               "is held back). 'Rows per decode step' is how many requests shared each batched "

@@ -25,9 +25,9 @@ def test_slots_are_isolated_and_batched_decode_matches_alone(engines):
     single.kv_remove(0)
     ref_b = single.eval(B)
     # B in slot 2, A in slot 1, some other text in slot 0: each prompt's logits as alone
-    multi.eval([1, 42, 43, 44], 0)
-    got_b = multi.eval(B, 2)
-    got_a = multi.eval(A, 1)
+    multi.eval([1, 42, 43, 44], slot=0)
+    got_b = multi.eval(B, slot=2)
+    got_a = multi.eval(A, slot=1)
     assert np.array_equal(got_a, ref_a) and np.array_equal(got_b, ref_b)
     # one decode step for slots 1 and 2 together vs each sequence stepped alone in a 2-row
     # batch (the token twice): a 2-row matmul rounds differently from a matvec, so the

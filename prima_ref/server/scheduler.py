@@ -197,7 +197,7 @@ class Scheduler:
             return False
         job = min(reading, key=lambda j: j.id)
         chunk = job.prompt[job.n_fed : job.n_fed + self.engine.n_batch]
-        logits = self.engine.eval(chunk, job.slot)
+        logits = self.engine.eval(chunk, slot=job.slot)
         job.n_fed += len(chunk)
         self.stats["prompt_chunks"] += 1
         if job.n_fed == len(job.prompt):
