@@ -64,10 +64,13 @@ def peak_rss_mib() -> float:
 
 class Engine:
     """One device holding every layer, or rank 0 of a ring (`ring` given): then it holds the
-    embedding, the output head and its own windows, and each forward goes round the ring."""
+    embedding, the output head and its own windows, and each forward goes round the ring.
 
-    def __init__(self, path, n_ctx: int = 4096, n_batch: int = 512, ring=None, gpu_layers: int = 0,
-                 gpu_mem_gib: float | None = None):
+    n_slots > 1 keeps that many independent sequences (a server's requests), n_ctx positions
+    each; eval/reuse_prefix take a slot, and decode() steps several slots in one forward."""
+
+    def __init__(self, path, n_ctx: int = 4096, n_batch: int = 512, ring=None, n_slots: int = 1,
+                 gpu_layers: int = 0, gpu_mem_gib: float | None = None):
         t0 = time.perf_counter()
         self.gguf = GGUFModel.open(path)
         self.tokenizer = Tokenizer.from_metadata(self.gguf.get)
@@ -76,20 +79,33 @@ class Engine:
         self.n_batch = max(1, n_batch)
         self.ring = None
         if ring is None:
-            self.model = Transformer(self.gguf, n_ctx, gpu_layers=gpu_layers, gpu_mem_gib=gpu_mem_gib)
+            self.model = Transformer(self.gguf, n_ctx, n_slots=n_slots, gpu_layers=gpu_layers,
+                                     gpu_mem_gib=gpu_mem_gib)
             self._forward = self.model.forward
+            self._forward_rows = self.model.forward_rows
         else:
             from prima_ref.ring.head import Head
             from prima_ref.ring.topology import model_sha256
 
             self.model = Transformer(self.gguf, n_ctx, layers=ring.layout.layers_of(0), head=True,
-                                     gpu_layers=gpu_layers, gpu_mem_gib=gpu_mem_gib)
+                                     n_slots=n_slots, gpu_layers=gpu_layers, gpu_mem_gib=gpu_mem_gib)
             self.ring = Head(ring, self.gguf, self.model, n_batch=self.n_batch,
                              sha256=ring.sha256 or model_sha256(path))
             self._forward = self.ring.forward
-        self.n_ctx = self.model.n_ctx
-        self.tokens: list[int] = []  # what the KV cache holds, position by position
+            self._forward_rows = self.ring.forward_rows
+        self.n_ctx, self.n_slots = self.model.n_ctx, n_slots
+        # what each slot's KV cache holds, position by position
+        self.slot_tokens: list[list[int]] = [[] for _ in range(n_slots)]
         self.load_ms = (time.perf_counter() - t0) * 1e3
+
+    @property
+    def tokens(self) -> list[int]:
+        """What slot 0's KV cache holds (the only slot of a single-sequence engine)."""
+        return self.slot_tokens[0]
+
+    @tokens.setter
+    def tokens(self, value: list[int]) -> None:
+        self.slot_tokens[0] = value
 
     def close(self) -> None:
         """Stop the ring (every rank leaves); a single device has nothing to stop."""
@@ -97,30 +113,58 @@ class Engine:
             self.ring.close()
             self.ring = None
 
-    def reuse_prefix(self, tokens: list[int]) -> int:
-        """Keep the cached positions that match the start of `tokens`; returns how many."""
+    def reuse_prefix(self, tokens: list[int], slot: int = 0) -> int:
+        """Keep the slot's cached positions that match the start of `tokens`; returns how many."""
+        cached = self.slot_tokens[slot]
         n = 0
-        for a, b in zip(self.tokens, tokens):
+        for a, b in zip(cached, tokens):
             if a != b:
                 break
             n += 1
         n = min(n, len(tokens) - 1)  # always evaluate at least the last token
-        if self.ring is not None and n < len(self.tokens):
-            self.ring.kv_remove(n)  # every rank forgets the positions that will be rewritten
-        del self.tokens[n:]
+        if n < len(cached):
+            self.kv_remove(n, slot)
         return n
 
-    def eval(self, tokens: list[int]) -> np.ndarray:
-        """Append tokens to the context in batches; logits (n_vocab,) after the last one."""
-        if len(self.tokens) + len(tokens) > self.n_ctx:
+    def kv_remove(self, p0: int, slot: int = 0) -> None:
+        """Forget a slot's positions p0.. (they will be rewritten); on a ring every rank does."""
+        if self.ring is not None:
+            self.ring.kv_remove(p0, None, slot)
+        # one device: stale keys past the end are never read (attention stops at the position)
+        del self.slot_tokens[slot][p0:]
+
+    def eval(self, tokens: list[int], slot: int = 0) -> np.ndarray:
+        """Append tokens to a slot's context in batches; logits (n_vocab,) after the last one."""
+        cached = self.slot_tokens[slot]
+        if len(cached) + len(tokens) > self.n_ctx:
             raise ContextFullError(
-                f"{len(self.tokens) + len(tokens)} tokens do not fit in the context of {self.n_ctx} (use -c)"
+                f"{len(cached) + len(tokens)} tokens do not fit in the context of {self.n_ctx} (use -c)"
             )
         logits = None
         for i in range(0, len(tokens), self.n_batch):
             batch = tokens[i : i + self.n_batch]
-            logits = self._forward(batch, len(self.tokens))[-1]
-            self.tokens.extend(batch)
+            if slot == 0:
+                logits = self._forward(batch, len(cached))[-1]
+            else:
+                positions = np.arange(len(cached), len(cached) + len(batch))
+                logits = self._forward_rows(batch, positions, np.full(len(batch), slot),
+                                            last_only=True)[-1]
+            cached.extend(batch)
+        return logits
+
+    def decode(self, slots: list[int], tokens: list[int]) -> np.ndarray:
+        """One token for each of several slots in one forward (one pass round a ring);
+        logits (len(slots), n_vocab), row i for slots[i]."""
+        if len(set(slots)) != len(slots):
+            raise ValueError(f"a slot appears twice in one decode step: {slots}")
+        if len(slots) > self.n_batch:
+            raise ValueError(f"{len(slots)} rows exceed the batch of {self.n_batch}")
+        positions = np.array([len(self.slot_tokens[s]) for s in slots], dtype=np.int64)
+        if positions.size and positions.max() >= self.n_ctx:
+            raise ContextFullError(f"a slot's context of {self.n_ctx} is full")
+        logits = self._forward_rows(tokens, positions, np.asarray(slots, dtype=np.int64))
+        for s, tok in zip(slots, tokens):
+            self.slot_tokens[s].append(int(tok))
         return logits
 
     def generate(self, prompt: list[int], n_predict: int, sampler: Sampler,

@@ -53,21 +53,30 @@ def rope_inplace(x, positions, n_rot, base, freq_scale, rope_type):
             theta = theta * theta_scale
 
 
-@nb.njit(cache=True, parallel=True)
-def attention(q, k_cache, v_cache, positions, window, scale, softcap, out):
+def attention(q, k_cache, v_cache, positions, window, scale, softcap, out, kv_row0=None):
     """Causal attention with an online softmax over KV tiles (never the full score matrix).
 
-    q (n_tokens, n_head, d); k_cache, v_cache (n_ctx, n_head_kv, d), slot p holds position p;
+    q (n_tokens, n_head, d); k_cache, v_cache (n_rows, n_head_kv, d): row kv_row0[t] + p holds
+    position p of token t's sequence (kv_row0 None: every token reads rows 0.., one sequence);
     positions (n_tokens,); window > 0 keeps only keys with pos - key_pos < window;
     softcap > 0 applies softcap * tanh(score / softcap). Grouped-query: head h reads kv head
     h // (n_head / n_head_kv).
     """
+    if kv_row0 is None:
+        kv_row0 = np.zeros(q.shape[0], dtype=np.int64)
+    _attention(q, k_cache, v_cache, np.asarray(positions), np.asarray(kv_row0, dtype=np.int64),
+               window, scale, softcap, out)
+
+
+@nb.njit(cache=True, parallel=True)
+def _attention(q, k_cache, v_cache, positions, kv_row0, window, scale, softcap, out):
     n_tok, n_head, d = q.shape
     group = n_head // k_cache.shape[1]
     for job in nb.prange(n_tok * n_head):
         t, h = job // n_head, job % n_head
         kv = h // group
         pos = positions[t]
+        row0 = kv_row0[t]
         first = 0 if window <= 0 else max(0, pos - window + 1)
         # float64 accumulators: summing hundreds of terms in float32 order would lose to the
         # pairwise sums of a BLAS-backed naive implementation
@@ -80,7 +89,7 @@ def attention(q, k_cache, v_cache, positions, window, scale, softcap, out):
             for j in range(start, stop):
                 s = 0.0
                 for i in range(d):
-                    s += np.float64(q[t, h, i]) * np.float64(k_cache[j, kv, i])
+                    s += np.float64(q[t, h, i]) * np.float64(k_cache[row0 + j, kv, i])
                 s *= scale
                 if softcap > 0:
                     s = softcap * np.tanh(s / softcap)
@@ -95,7 +104,7 @@ def attention(q, k_cache, v_cache, positions, window, scale, softcap, out):
                 p = np.exp(scores[j - start] - new_max)
                 run_sum += p
                 for i in range(d):
-                    acc[i] += p * np.float64(v_cache[j, kv, i])
+                    acc[i] += p * np.float64(v_cache[row0 + j, kv, i])
             run_max = new_max
         for i in range(d):
             out[t, h, i] = np.float32(acc[i] / run_sum)

@@ -78,20 +78,33 @@ class Layer:
 
 
 class KVCache:
-    """Keys and values of one layer, slot p holding position p. Values are rounded to f16
-    precision on the way in, as llama.cpp stores its cache in f16."""
+    """Keys and values of one layer for n_slots sequences of n_ctx positions each: row
+    slot * n_ctx + p holds position p of that slot. Values are rounded to f16 precision on the
+    way in, as llama.cpp stores its cache in f16."""
 
-    def __init__(self, n_ctx: int, n_head_kv: int, head_dim: int, f16: bool = True):
-        self.k = np.zeros((n_ctx, n_head_kv, head_dim), dtype=np.float32)
-        self.v = np.zeros((n_ctx, n_head_kv, head_dim), dtype=np.float32)
+    def __init__(self, n_ctx: int, n_head_kv: int, head_dim: int, f16: bool = True, n_slots: int = 1):
+        self.n_ctx, self.n_slots = n_ctx, n_slots
+        self.k = np.zeros((n_slots * n_ctx, n_head_kv, head_dim), dtype=np.float32)
+        self.v = np.zeros((n_slots * n_ctx, n_head_kv, head_dim), dtype=np.float32)
         self.f16 = f16
 
-    def store(self, positions: np.ndarray, k: np.ndarray, v: np.ndarray) -> None:
+    def rows(self, positions: np.ndarray, slots: np.ndarray | None = None) -> np.ndarray:
+        return positions if slots is None else slots * self.n_ctx + positions
+
+    def store(self, positions: np.ndarray, k: np.ndarray, v: np.ndarray,
+              slots: np.ndarray | None = None) -> None:
         if self.f16:
             k = k.astype(np.float16).astype(np.float32)
             v = v.astype(np.float16).astype(np.float32)
-        self.k[positions] = k
-        self.v[positions] = v
+        rows = self.rows(positions, slots)
+        self.k[rows] = k
+        self.v[rows] = v
+
+    def remove(self, p0: int = 0, p1: int | None = None, slot: int = 0) -> None:
+        base = slot * self.n_ctx
+        end = base + (self.n_ctx if p1 is None else min(p1, self.n_ctx))
+        self.k[base + p0 : end] = 0.0
+        self.v[base + p0 : end] = 0.0
 
 
 class ContextFullError(ValueError):
@@ -116,14 +129,22 @@ class Transformer:
     token goes round the ring k times (e.g. [0, 1, 2, 10, 11, 12])."""
 
     def __init__(self, model, n_ctx: int, layers: Iterable[int] | None = None, head: bool = True,
-                 kv_f16: bool = True, gpu_layers: int = 0, gpu_mem_gib: float | None = None):
+                 kv_f16: bool = True, n_slots: int = 1, gpu_layers: int = 0,
+                 gpu_mem_gib: float | None = None):
+        """n_ctx positions for each of n_slots independent sequences (server requests); the
+        last gpu_layers of each window run on a CUDA GPU when one exists (prima_ref.gpu)."""
         self.cfg = cfg = ModelConfig.from_gguf(model)
-        self.n_ctx = n_ctx
+        if n_slots < 1:
+            raise ValueError(f"n_slots must be >= 1, got {n_slots}")
+        self.n_ctx, self.n_slots = n_ctx, n_slots
         self.layer_ids = range(cfg.n_layer) if layers is None else _layer_set(layers, cfg.n_layer)
         self.layers = {il: Layer(model, cfg, il) for il in self.layer_ids}
-        self.kv = {il: KVCache(n_ctx, cfg.n_head_kv, cfg.head_dim, kv_f16) for il in self.layer_ids}
+        self.kv = {il: KVCache(n_ctx, cfg.n_head_kv, cfg.head_dim, kv_f16, n_slots)
+                   for il in self.layer_ids}
         self.gpu = {}  # layer id -> GpuLayer: the last gpu_layers of each window (prima_ref.gpu)
         if gpu_layers > 0:
+            if n_slots > 1:
+                raise ValueError("GPU layers keep one sequence's KV cache: use -np 1 with -ngl")
             from prima_ref.gpu import offload_layers
 
             self.gpu = offload_layers(model, cfg, self.layers, n_ctx, gpu_layers, gpu_mem_gib)
@@ -146,23 +167,33 @@ class Transformer:
 
     # -- layers --------------------------------------------------------------------------------
 
-    def forward_layers(self, x: np.ndarray, positions: np.ndarray, first: int, last: int) -> np.ndarray:
-        """Run layers first..last-1 on x (n_tokens, n_embd) at the given positions."""
+    def forward_layers(self, x: np.ndarray, positions: np.ndarray, first: int, last: int,
+                       slots: np.ndarray | None = None) -> np.ndarray:
+        """Run layers first..last-1 on x (n_tokens, n_embd) at the given positions; row t
+        belongs to sequence slots[t] (None: every row to slot 0)."""
         positions = np.asarray(positions, dtype=np.int64)
         if positions.max() >= self.n_ctx:
             raise ContextFullError(f"position {positions.max()} is past the context size {self.n_ctx}")
+        if slots is not None:
+            slots = np.asarray(slots, dtype=np.int64)
+            if slots.shape != positions.shape or slots.min() < 0 or slots.max() >= self.n_slots:
+                raise ValueError(f"slot ids must be one per token in 0..{self.n_slots - 1}")
+            if not slots.any():
+                slots = None  # all in slot 0: the single-sequence path
         missing = [il for il in range(first, last) if il not in self.layers]
         if missing:
             raise ValueError(f"layers {missing} are not held here (held: {list(self.layer_ids)})")
         for il in range(first, last):
-            x = self.gpu[il](x, positions) if il in self.gpu else self._layer(il, x, positions)
+            # with GPU layers there is one slot, so every row's slot is 0
+            x = self.gpu[il](x, positions) if il in self.gpu else self._layer(il, x, positions, slots)
         return x
 
-    def kv_remove(self, p0: int = 0, p1: int | None = None) -> None:
-        """Forget cached positions [p0, p1) of every held layer (None: to the end)."""
+    def kv_remove(self, p0: int = 0, p1: int | None = None, slot: int = 0) -> None:
+        """Forget cached positions [p0, p1) of one slot in every held layer (None: to the end)."""
+        if not 0 <= slot < self.n_slots:
+            raise ValueError(f"slot {slot} outside 0..{self.n_slots - 1}")
         for cache in self.kv.values():
-            cache.k[p0:p1] = 0.0
-            cache.v[p0:p1] = 0.0
+            cache.remove(p0, p1, slot)
         for gpu_layer in self.gpu.values():
             gpu_layer.kv_remove(p0, p1)
 
@@ -171,7 +202,7 @@ class Transformer:
         ops.rms_norm(x, weight, np.float32(self.cfg.norm_eps), out)
         return out
 
-    def _layer(self, il: int, x: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    def _layer(self, il: int, x: np.ndarray, positions: np.ndarray, slots=None) -> np.ndarray:
         cfg, w = self.cfg, self.layers[il]
         n_tok = x.shape[0]
         h = self._norm(x, w.attn_norm)
@@ -190,11 +221,12 @@ class Transformer:
         ops.rope_inplace(q, positions, cfg.n_rot, base, scale, cfg.rope_type)
         ops.rope_inplace(k, positions, cfg.n_rot, base, scale, cfg.rope_type)
         cache = self.kv[il]
-        cache.store(positions, k, v)
+        cache.store(positions, k, v, slots)
         att = np.empty_like(q)
         window = cfg.n_swa if cfg.is_swa(il) else 0
         ops.attention(q, cache.k, cache.v, positions, window, np.float32(cfg.attn_scale),
-                      np.float32(cfg.attn_softcap), att)
+                      np.float32(cfg.attn_softcap), att,
+                      None if slots is None else cache.rows(np.zeros_like(slots), slots))
         out = w.wo(att.reshape(n_tok, -1))
         if cfg.post_norms:
             out = self._norm(out, w.post_attn_norm)
@@ -227,3 +259,9 @@ class Transformer:
         positions = np.arange(start_pos, start_pos + tokens.size, dtype=np.int64)
         x = self.forward_layers(self.embed(tokens), positions, 0, self.cfg.n_layer)
         return self.logits(x if all_logits else x[-1:])
+
+    def forward_rows(self, tokens, positions, slots, last_only: bool = False) -> np.ndarray:
+        """One step for tokens of several sequences at once (row t: slots[t] at positions[t]);
+        logits (n_tokens, n_vocab) of every row, or (1, n_vocab) of the last."""
+        x = self.forward_layers(self.embed(tokens), positions, 0, self.cfg.n_layer, slots)
+        return self.logits(x[-1:] if last_only else x)

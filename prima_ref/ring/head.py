@@ -41,7 +41,7 @@ class Head:
         self.ctx = zmq.Context()
         self.control = HeadControl(self.ctx, self.ep, self.session)
         self.pull = P.data_pull(self.ctx, f"tcp://{self.ep.bind_host}:{self.ep.data_ports[0]}",
-                                n_batch * (self.n_embd + 1) * 4 + 4096)
+                                n_batch * (self.n_embd + 2) * 4 + 4096)
         self.push = P.data_push(self.ctx, self.ep.data_addr(1), send_timeout_ms=2000)
         self.pager = WindowPager(gguf, self.windows, prefetch=opts.prefetch, force=opts.force,
                                  release=opts.release)
@@ -68,7 +68,7 @@ class Head:
                     "the same GGUF file to every device")
         self.control.send(P.CONFIG, {"layout": self.layout.as_json(), "n_ctx": self.model.n_ctx,
                                      "n_batch": self.n_batch, "n_embd": self.n_embd,
-                                     "sha256": self.sha256})
+                                     "n_slots": self.model.n_slots, "sha256": self.sha256})
         self._wait_for(lambda: len(self.control.ready) == self.M - 1, deadline, "loaded its layers",
                        lambda: [r for r in workers if r not in self.control.ready])
         probe_ms = self.probe(self.n_embd) * 1e3
@@ -102,14 +102,20 @@ class Head:
 
     def forward(self, tokens, start_pos: int) -> np.ndarray:
         """Logits (1, n_vocab) of the last of `tokens`, computed round the ring."""
+        positions = np.arange(start_pos, start_pos + len(tokens), dtype=np.int32)
+        return self.forward_rows(tokens, positions, None, last_only=True)
+
+    def forward_rows(self, tokens, positions, slots=None, last_only: bool = False) -> np.ndarray:
+        """One pass round the ring for rows of several sequences (row t: slots[t] at
+        positions[t]; slots None: all slot 0); logits of every row, or of the last one."""
         tokens = np.asarray(tokens, dtype=np.int64)
-        positions = np.arange(start_pos, start_pos + tokens.size, dtype=np.int32)
+        positions = np.asarray(positions, dtype=np.int32)
         if tokens.size > self.n_batch:
             raise ValueError(f"{tokens.size} tokens exceed the ring's batch of {self.n_batch}")
         x = self.model.embed(tokens)  # (n_tokens, n_embd)
         self.step += 1
         for r in range(self.k):
-            self._send(P.data_frames(self._header(P.DATA, r * self.M), positions, x))
+            self._send(P.data_frames(self._header(P.DATA, r * self.M), positions, x, slots))
             msg = self._receive(P.DATA, (r + 1) * self.M - 1)
             if not np.array_equal(msg.positions, positions):
                 raise RingError(f"rank {self.M - 1} returned positions {msg.positions[:4]}..., "
@@ -117,17 +123,18 @@ class Head:
             x = msg.x
             window = self.windows[r]
             if window:
-                x = self.model.forward_layers(x, positions, window[0], window[-1] + 1)
+                x = self.model.forward_layers(x, positions, window[0], window[-1] + 1, slots)
                 self.pager.after_compute(r)
-        return self.model.logits(x[-1:])
+        return self.model.logits(x[-1:] if last_only else x)
 
-    def kv_remove(self, p0: int = 0, p1: int | None = None) -> None:
-        """Forget cached positions [p0, p1) on every rank; returns once the ring has done it."""
-        self.model.kv_remove(p0, p1)
+    def kv_remove(self, p0: int = 0, p1: int | None = None, slot: int = 0) -> None:
+        """Forget cached positions [p0, p1) of a slot on every rank; returns once the ring has
+        done it."""
+        self.model.kv_remove(p0, p1, slot)
         self.step += 1
         h = self._header(P.KV, 0)
-        self._send([P.Header(P.KV, 0, self.session, h.request, h.step, 0, p0,
-                             P.KV_END if p1 is None else p1).pack()])
+        self._send(P.kv_frames(P.Header(P.KV, 0, self.session, h.request, h.step, 0, p0,
+                                        P.KV_END if p1 is None else p1), slot))
         self._receive(P.KV, self.M - 1)
 
     def probe(self, n_floats: int) -> float:

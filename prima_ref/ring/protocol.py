@@ -2,8 +2,10 @@
 
     header  <4s B B H I I I I I I>  magic "PRR1", version, kind, sender rank, session,
                                    request id, step, sequence number (hop), a, b
-    DATA    [header(a=n_tokens, b=n_embd), positions int32 (n_tokens,), x float32 (n_tokens, n_embd)]
-    KV      [header(a=p0, b=p1)]       remove cached positions [p0, p1) (p1 = KV_END: to the end)
+    DATA    [header(a=n_tokens, b=n_embd), positions int32 (n_tokens,) [+ slots int32 (n_tokens,)],
+             x float32 (n_tokens, n_embd)]   without slot ids every row belongs to slot 0
+    KV      [header(a=p0, b=p1) [, slot uint32]]   remove cached positions [p0, p1) of a slot
+                                       (default 0; p1 = KV_END: to the end)
     PROBE   [header(a=n_floats), payload float32 (n_floats,)]   travels one round untouched
     control [header, JSON object]      HELLO, CONFIG, READY, HEARTBEAT, ERROR, STOP
 
@@ -70,16 +72,25 @@ class Message:
     header: Header
     positions: np.ndarray | None = None  # (n_tokens,) int32
     x: np.ndarray | None = None  # (n_tokens, n_embd) float32
+    slots: np.ndarray | None = None  # DATA: (n_tokens,) int32 KV slot of each row, None: all 0
+    slot: int = 0  # KV: the slot whose positions are removed
     payload: dict | None = None  # control messages
 
 
 # -- building ---------------------------------------------------------------------------------
 
-def data_frames(h: Header, positions: np.ndarray, x: np.ndarray) -> list:
+def data_frames(h: Header, positions: np.ndarray, x: np.ndarray, slots: np.ndarray | None = None) -> list:
+    """slots None (or all 0) sends the single-sequence frame, as before slots existed."""
     positions = np.ascontiguousarray(positions, dtype=np.int32)
+    if slots is not None and np.any(slots):
+        positions = np.concatenate([positions, np.asarray(slots, dtype=np.int32)])
     x = np.ascontiguousarray(x, dtype=np.float32)  # (n_tokens, n_embd)
     return [Header(DATA, h.sender, h.session, h.request, h.step, h.seq, x.shape[0], x.shape[1]).pack(),
             positions, x]
+
+
+def kv_frames(h: Header, slot: int = 0) -> list:
+    return [h.pack()] if slot == 0 else [h.pack(), struct.pack("<I", slot)]
 
 
 def control_frames(h: Header, payload: dict | None = None) -> list[bytes]:
@@ -110,11 +121,13 @@ def parse(frames, *, n_embd: int | None = None, max_tokens: int | None = None) -
     if h.kind == DATA:
         return _parse_data(h, frames, n_embd, max_tokens)
     if h.kind == KV:
-        if len(frames) != 1:
-            raise ProtocolError(f"KV command with {len(frames)} frames, expected 1")
+        if len(frames) not in (1, 2) or (len(frames) == 2 and len(_buf(frames[1])) != 4):
+            raise ProtocolError(f"KV command with {len(frames)} frames, expected a header and "
+                                "an optional 4-byte slot id")
         if h.b != KV_END and h.b < h.a:
             raise ProtocolError(f"KV range [{h.a}, {h.b}) is empty or reversed")
-        return Message(h)
+        slot = struct.unpack("<I", _buf(frames[1]))[0] if len(frames) == 2 else 0
+        return Message(h, slot=slot)
     if h.kind == PROBE:
         if len(frames) != 2 or len(_buf(frames[1])) != 4 * h.a:
             raise ProtocolError("PROBE payload size disagrees with its header")
@@ -139,12 +152,13 @@ def _parse_data(h: Header, frames, n_embd, max_tokens) -> Message:
     if n_embd is not None and embd != n_embd:
         raise ProtocolError(f"DATA of width {embd}, this model's n_embd is {n_embd}")
     pos_buf, x_buf = _buf(frames[1]), _buf(frames[2])
-    if len(pos_buf) != 4 * n_tok or len(x_buf) != 4 * n_tok * embd:
+    if len(pos_buf) not in (4 * n_tok, 8 * n_tok) or len(x_buf) != 4 * n_tok * embd:
         raise ProtocolError(f"DATA frames of {len(pos_buf)} and {len(x_buf)} bytes disagree with "
                             f"{n_tok} tokens x {embd}")
-    positions = np.frombuffer(pos_buf, dtype=np.int32)
+    ids = np.frombuffer(pos_buf, dtype=np.int32)
+    positions, slots = ids[:n_tok], (ids[n_tok:] if ids.size > n_tok else None)
     x = np.frombuffer(x_buf, dtype=np.float32).reshape(n_tok, embd)
-    return Message(h, positions=positions, x=x)
+    return Message(h, positions=positions, x=x, slots=slots)
 
 
 def _buf(frame):

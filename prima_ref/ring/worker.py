@@ -95,14 +95,16 @@ class _Worker:
             raise _Refusal(f"rank 0's layout has {self.layout.world} ranks, --world says {ep.world}")
         self.windows = [list(w) for w in self.layout.windows[self.rank]]
         self.n_ctx, self.n_batch, self.n_embd = int(config["n_ctx"]), int(config["n_batch"]), int(config["n_embd"])
+        self.n_slots = int(config.get("n_slots", 1))
         t0 = time.perf_counter()
         self.model = Transformer(gguf, self.n_ctx, layers=self.layout.layers_of(self.rank), head=False,
-                                 gpu_layers=opts.gpu_layers, gpu_mem_gib=opts.gpu_mem_gib)
+                                 n_slots=self.n_slots, gpu_layers=opts.gpu_layers,
+                                 gpu_mem_gib=opts.gpu_mem_gib)
         self.pager = WindowPager(gguf, self.windows, prefetch=opts.prefetch, force=opts.force,
                                  release=opts.release)
         self.gguf_path = gguf.path
         self.pull = P.data_pull(ctx, f"tcp://{ep.bind_host}:{ep.data_ports[self.rank]}",
-                                self.n_batch * (self.n_embd + 1) * 4 + 4096)
+                                self.n_batch * (self.n_embd + 2) * 4 + 4096)
         self.push = P.data_push(ctx, ep.data_addr(ep.next_rank), send_timeout_ms=2000)
         self.last_key = (0, 0, -1)
         self.stats = {"rank": self.rank, "steps": 0, "compute_ms": 0.0, "dropped": 0,
@@ -142,10 +144,10 @@ class _Worker:
         out = P.Header(h.kind, self.rank, h.session, h.request, h.step, h.seq + 1, h.a, h.b)
         try:
             if h.kind == P.DATA:
-                frames_out = P.data_frames(out, msg.positions, self._compute(r, msg))
+                frames_out = P.data_frames(out, msg.positions, self._compute(r, msg), msg.slots)
             elif h.kind == P.KV:
-                self.model.kv_remove(h.a, None if h.b == P.KV_END else h.b)
-                frames_out = [out.pack()]
+                self.model.kv_remove(h.a, None if h.b == P.KV_END else h.b, msg.slot)
+                frames_out = P.kv_frames(out, msg.slot)
             else:
                 frames_out = [out.pack(), frames[1]]
         except (ValueError, IndexError) as err:
@@ -173,11 +175,15 @@ class _Worker:
             raise P.ProtocolError(f"{h} is not for this rank's place in the ring")
         if msg.positions is not None and (msg.positions.min() < 0 or msg.positions.max() >= self.n_ctx):
             raise P.ProtocolError(f"{h} has positions outside 0..{self.n_ctx - 1}")
+        if msg.slots is not None and (msg.slots.min() < 0 or msg.slots.max() >= self.n_slots):
+            raise P.ProtocolError(f"{h} has slot ids outside 0..{self.n_slots - 1}")
+        if h.kind == P.KV and msg.slot >= self.n_slots:
+            raise P.ProtocolError(f"{h} names slot {msg.slot}, this ring has {self.n_slots}")
 
     def _compute(self, r: int, msg: P.Message):
         t0 = time.perf_counter()
         window = self.windows[r]
-        x = self.model.forward_layers(msg.x, msg.positions, window[0], window[-1] + 1)
+        x = self.model.forward_layers(msg.x, msg.positions, window[0], window[-1] + 1, msg.slots)
         self.pager.after_compute(r)
         self.stats["steps"] += 1
         self.stats["compute_ms"] += (time.perf_counter() - t0) * 1e3

@@ -1,0 +1,3 @@
+from prima_ref.server import main
+
+raise SystemExit(main())
