@@ -108,18 +108,35 @@ class Engine:
         del self.tokens[n:]
         return n
 
-    def eval(self, tokens: list[int]) -> np.ndarray:
-        """Append tokens to the context in batches; logits (n_vocab,) after the last one."""
+    def eval(self, tokens: list[int], all_logits: bool = False) -> np.ndarray:
+        """Append tokens to the context in batches; logits (n_vocab,) after the last one, or
+        with all_logits those of every token (n_tokens, n_vocab), as a draft's verifier needs."""
         if len(self.tokens) + len(tokens) > self.n_ctx:
             raise ContextFullError(
                 f"{len(self.tokens) + len(tokens)} tokens do not fit in the context of {self.n_ctx} (use -c)"
             )
-        logits = None
+        logits, rows = None, []
         for i in range(0, len(tokens), self.n_batch):
             batch = tokens[i : i + self.n_batch]
-            logits = self._forward(batch, len(self.tokens))[-1]
+            if all_logits:
+                rows.append(self._forward(batch, len(self.tokens), all_logits=True))
+            else:
+                logits = self._forward(batch, len(self.tokens))[-1]
             self.tokens.extend(batch)
-        return logits
+        return np.concatenate(rows) if all_logits else logits
+
+    def truncate(self, n_keep: int) -> None:
+        """Forget every cached position from n_keep on, on every rank (a KV command round the
+        ring); rejected draft tokens leave the cache this way."""
+        n_held = len(self.tokens)
+        if not 0 <= n_keep <= n_held:
+            raise ValueError(f"cannot keep {n_keep} of the {n_held} cached positions")
+        if n_keep < n_held:
+            if self.ring is not None:
+                self.ring.kv_remove(n_keep, n_held)  # every rank, its own layers
+            else:
+                self.model.kv_remove(n_keep, n_held)
+            del self.tokens[n_keep:]
 
     def generate(self, prompt: list[int], n_predict: int, sampler: Sampler,
                  on_text: Callable[[str], None] | None = None,

@@ -100,8 +100,9 @@ class Head:
         self.request += 1
         self.step = 0
 
-    def forward(self, tokens, start_pos: int) -> np.ndarray:
-        """Logits (1, n_vocab) of the last of `tokens`, computed round the ring."""
+    def forward(self, tokens, start_pos: int, all_logits: bool = False) -> np.ndarray:
+        """Logits (1, n_vocab) of the last of `tokens` (all_logits: of every one, (n_tokens,
+        n_vocab)), computed in one pass round the ring."""
         tokens = np.asarray(tokens, dtype=np.int64)
         positions = np.arange(start_pos, start_pos + tokens.size, dtype=np.int32)
         if tokens.size > self.n_batch:
@@ -119,7 +120,7 @@ class Head:
             if window:
                 x = self.model.forward_layers(x, positions, window[0], window[-1] + 1)
                 self.pager.after_compute(r)
-        return self.model.logits(x[-1:])
+        return self.model.logits(x if all_logits else x[-1:])
 
     def kv_remove(self, p0: int = 0, p1: int | None = None) -> None:
         """Forget cached positions [p0, p1) on every rank; returns once the ring has done it."""
