@@ -10,13 +10,14 @@ import resource
 import sys
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
 from prima_ref.gguf_file import GGUFModel
 from prima_ref.model.config import ModelConfig
-from prima_ref.model.transformer import ContextFullError, Transformer
+from prima_ref.model.transformer import ContextFullError, Transformer, row_by_row
 from prima_ref.sampling import Sampler
 from prima_ref.tokenizer import StreamDecoder, Tokenizer
 
@@ -108,22 +109,30 @@ class Engine:
         del self.tokens[n:]
         return n
 
-    def eval(self, tokens: list[int], all_logits: bool = False) -> np.ndarray:
+    def eval(self, tokens: list[int], all_logits: bool = False, rows: bool = False) -> np.ndarray:
         """Append tokens to the context in batches; logits (n_vocab,) after the last one, or
-        with all_logits those of every token (n_tokens, n_vocab), as a draft's verifier needs."""
+        with all_logits those of every token (n_tokens, n_vocab), as a draft's verifier needs.
+        rows: each batch row is computed alone (row_by_row), bit-equal to one-token evals."""
         if len(self.tokens) + len(tokens) > self.n_ctx:
             raise ContextFullError(
                 f"{len(self.tokens) + len(tokens)} tokens do not fit in the context of {self.n_ctx} (use -c)"
             )
-        logits, rows = None, []
+        logits, out = None, []
         for i in range(0, len(tokens), self.n_batch):
             batch = tokens[i : i + self.n_batch]
             if all_logits:
-                rows.append(self._forward(batch, len(self.tokens), all_logits=True))
+                out.append(self._forward_all(batch, rows))
             else:
                 logits = self._forward(batch, len(self.tokens))[-1]
             self.tokens.extend(batch)
-        return np.concatenate(rows) if all_logits else logits
+        return np.concatenate(out) if all_logits else logits
+
+    def _forward_all(self, batch: list[int], rows: bool) -> np.ndarray:
+        """Logits of every token of a batch; rows: each row computed alone (row_by_row)."""
+        if self.ring is not None:
+            return self.ring.forward(batch, len(self.tokens), all_logits=True, rows=rows)
+        with row_by_row() if rows else nullcontext():
+            return self.model.forward(batch, len(self.tokens), all_logits=True)
 
     def truncate(self, n_keep: int) -> None:
         """Forget every cached position from n_keep on, on every rank (a KV command round the

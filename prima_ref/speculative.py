@@ -4,8 +4,11 @@ Per step the draft (held whole on rank 0, never split) proposes up to --draft-ma
 stopping early when its own confidence in a token falls below --draft-p-min; a proposal shorter
 than --draft-min is dropped (a plain decode step instead), as in llama.cpp's server. The target
 (one device, or the ring) evaluates [last token, draft...] in one batched forward and returns
-the logits of every row; over the ring that is one pass with n_draft + 1 rows. Then, position by
-position, with p the target's and q the draft's distribution after the sampler chain:
+the logits of every row; over the ring that is one pass with n_draft + 1 rows. By default each
+rank takes those rows one at a time (--draft-verify rows), so every row is bit-equal to a
+one-token pass: a batched product sums in another order for some types, and that rounding can
+flip a near-tie. Then, position by position, with p the target's and q the draft's
+distribution after the sampler chain:
 
 - greedy (temperature <= 0): accept while the draft token is the target's argmax; the first
   mismatch is replaced by the target's argmax, so the output is the target's greedy output;
@@ -40,6 +43,7 @@ DRAFT_DEFAULTS = dict(
     draft_max=16,  # tokens proposed per step at most
     draft_min=5,  # shorter proposals are dropped: verifying them costs more than they save
     draft_p_min=0.9,  # stop drafting after a token the draft gives less than this probability
+    draft_verify="rows",  # exact: see DraftParams.verify
 )
 # llama.cpp's examples/speculative: vocabularies may differ in size by this much (added special
 # tokens) and must agree on every token text from this id on
@@ -61,6 +65,10 @@ class DraftParams:
     n_max: int = DRAFT_DEFAULTS["draft_max"]
     n_min: int = DRAFT_DEFAULTS["draft_min"]
     p_min: float = DRAFT_DEFAULTS["draft_p_min"]
+    # "rows": the verification pass computes its rows one at a time, each bit-equal to a
+    # one-token pass, so greedy output is the target's exactly; "batched": one matrix product
+    # for all rows, faster where the batched kernel is, equal only up to float rounding
+    verify: str = DRAFT_DEFAULTS["draft_verify"]
 
     def __post_init__(self):
         if self.n_max < 1 or not 0 <= self.n_min <= self.n_max:
@@ -68,6 +76,8 @@ class DraftParams:
                              "and --draft-max >= 1")
         if not 0.0 <= self.p_min <= 1.0:
             raise ValueError(f"--draft-p-min must be within 0..1, got {self.p_min}")
+        if self.verify not in ("rows", "batched"):
+            raise ValueError(f"--draft-verify must be rows or batched, got {self.verify!r}")
 
 
 def add_draft_flags(parser) -> None:
@@ -81,10 +91,15 @@ def add_draft_flags(parser) -> None:
                    help="drop shorter drafts")
     g.add_argument("--draft-p-min", type=float, default=DRAFT_DEFAULTS["draft_p_min"],
                    help="stop drafting below this draft probability")
+    g.add_argument("--draft-verify", choices=["rows", "batched"],
+                   default=DRAFT_DEFAULTS["draft_verify"],
+                   help="rows: verify row by row, bit-equal to decoding without a draft "
+                   "(default); batched: one matrix product, equal up to float rounding")
 
 
 def draft_params(args) -> DraftParams:
-    return DraftParams(n_max=args.draft_max, n_min=args.draft_min, p_min=args.draft_p_min)
+    return DraftParams(n_max=args.draft_max, n_min=args.draft_min, p_min=args.draft_p_min,
+                       verify=args.draft_verify)
 
 
 def load_draft(args, target: Engine) -> SpeculativeDecoder | None:
@@ -263,7 +278,8 @@ class SpeculativeDecoder:
             stats.n_dropped += len(drafted)
             drafted, qs = [], []
         t1 = time.perf_counter()
-        rows = target.eval([context[-1]] + drafted, all_logits=True)  # (1 + n_draft, n_vocab)
+        rows = target.eval([context[-1]] + drafted, all_logits=True,
+                           rows=self.params.verify == "rows")  # (1 + n_draft, n_vocab)
         stats.verify_ms += (time.perf_counter() - t1) * 1e3
         stats.draft_ms += (t1 - t0) * 1e3
         stats.n_steps += 1

@@ -1,7 +1,8 @@
 """Speculative decoding over a 3-rank ring of real processes on loopback: the draft runs whole on
-rank 0, each verification is one pass round the ring with n_draft + 1 rows, rejected positions
-leave every rank's KV cache (a KV command round the ring), and the greedy tokens equal those of
-the target alone on one device (see tests/test_speculative.py on exactness).
+rank 0, each verification is one pass round the ring with n_draft + 1 rows (DATA_ROWS: every
+rank takes them one at a time, bit-equal to one-token passes), rejected positions leave every
+rank's KV cache (a KV command round the ring), and the greedy tokens equal those of the target
+alone on one device.
 """
 
 from __future__ import annotations
@@ -63,8 +64,8 @@ def test_ring_greedy_with_draft_equals_one_device_without(tmp_path, smollm2_q8_0
 
 
 def test_ring_greedy_with_draft_synthetic_kquant_pair_exact(tmp_path, synth_draft):  # noqa: F811
-    """K-quant target: batched rows are bit-equal to single-token rows, equality by construction;
-    a Q4_0 requantisation of it drafts (accepted and rejected tokens both occur)."""
+    """A 3-layer K-quant target, one layer per rank; a Q4_0 requantisation of it drafts
+    (accepted and rejected tokens both occur)."""
     drafted, accepted, passes, _, log0 = _ring_run(tmp_path, KQUANTS, synth_draft, [1, 1, 1], 40,
                                                    prompt="Once upon a time, in a small village")
     assert 0 < accepted < drafted, log0

@@ -12,10 +12,12 @@ from __future__ import annotations
 import os
 import socket
 import time
+from contextlib import nullcontext
 
 import numpy as np
 import zmq
 
+from prima_ref.model.transformer import row_by_row
 from prima_ref.ring import protocol as P
 from prima_ref.ring.control import HeadControl, log
 from prima_ref.ring.memory import WindowPager
@@ -100,18 +102,25 @@ class Head:
         self.request += 1
         self.step = 0
 
-    def forward(self, tokens, start_pos: int, all_logits: bool = False) -> np.ndarray:
+    def forward(self, tokens, start_pos: int, all_logits: bool = False,
+                rows: bool = False) -> np.ndarray:
         """Logits (1, n_vocab) of the last of `tokens` (all_logits: of every one, (n_tokens,
-        n_vocab)), computed in one pass round the ring."""
+        n_vocab)), computed in one pass round the ring; rows: every rank takes the rows one at
+        a time (DATA_ROWS), each bit-equal to a one-token pass."""
         tokens = np.asarray(tokens, dtype=np.int64)
         positions = np.arange(start_pos, start_pos + tokens.size, dtype=np.int32)
         if tokens.size > self.n_batch:
             raise ValueError(f"{tokens.size} tokens exceed the ring's batch of {self.n_batch}")
         x = self.model.embed(tokens)  # (n_tokens, n_embd)
         self.step += 1
+        kind = P.DATA_ROWS if rows else P.DATA
+        with row_by_row() if rows else nullcontext():
+            return self._rounds(kind, positions, x, all_logits)
+
+    def _rounds(self, kind: int, positions: np.ndarray, x: np.ndarray, all_logits: bool):
         for r in range(self.k):
-            self._send(P.data_frames(self._header(P.DATA, r * self.M), positions, x))
-            msg = self._receive(P.DATA, (r + 1) * self.M - 1)
+            self._send(P.data_frames(self._header(kind, r * self.M), positions, x))
+            msg = self._receive(kind, (r + 1) * self.M - 1)
             if not np.array_equal(msg.positions, positions):
                 raise RingError(f"rank {self.M - 1} returned positions {msg.positions[:4]}..., "
                                 f"sent {positions[:4]}...")
