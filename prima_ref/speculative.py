@@ -177,6 +177,7 @@ class SpecStats:
     n_drafted: int = 0  # draft tokens the target checked
     n_accepted: int = 0
     n_dropped: int = 0  # draft tokens discarded as shorter than --draft-min
+    n_kv_removes: int = 0  # passes whose rejected rows left the cache (a KV round on a ring)
     draft_ms: float = 0.0
     verify_ms: float = 0.0
 
@@ -187,6 +188,7 @@ class SpecStats:
     def as_dict(self) -> dict:
         return dict(spec_steps=self.n_steps, spec_drafted=self.n_drafted,
                     spec_accepted=self.n_accepted, spec_dropped=self.n_dropped,
+                    spec_kv_removes=self.n_kv_removes,
                     spec_acceptance_rate=self.acceptance_rate, spec_draft_ms=self.draft_ms,
                     spec_verify_ms=self.verify_ms)
 
@@ -290,10 +292,12 @@ class SpeculativeDecoder:
             token = self._check(rows[i], x, qs[i], sampler)
             if token is not None:  # rejected: the target's replacement ends the step
                 target.truncate(n_held + 1 + i)
+                stats.n_kv_removes += 1
                 stats.n_accepted += i
                 return emit(token, n_held + 1 + i)
             if not emit(x, n_held + 1 + i):
                 target.truncate(n_held + 1 + i)
+                stats.n_kv_removes += 1
                 stats.n_accepted += i + 1
                 return False
         stats.n_accepted += len(drafted)

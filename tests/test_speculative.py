@@ -249,3 +249,14 @@ def _joint_target_probs(engine: Engine, prompt: list[int], depth: int) -> dict[t
 
     walk((), 1.0)
     return out
+
+
+def test_cli_refuses_a_draft_with_another_vocabulary(smollm2_path, gemma3_path):
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-m", "prima_ref.cli", "-m", str(smollm2_path), "-md",
+                        str(gemma3_path), "-p", "Hi", "-n", "2"], capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 1
+    assert "cannot use the draft model" in p.stderr and "vocabulary" in p.stderr
