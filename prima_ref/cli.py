@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "before each sampled token (for comparing runs)")
     p.add_argument("--version", action="version", version=_version_string())
     _ring_flags(p.add_argument_group("ring (prima.cpp's distributed flags)"))
+    from prima_ref.speculative import add_draft_flags
+
+    add_draft_flags(p)
     return p
 
 
@@ -237,8 +240,9 @@ def run_prompt(engine, args) -> int:
     if not args.no_display_prompt:
         _emit(prompt)
     on_logits, dump = _dump_logits(engine, args)
-    out, timings = engine.generate(ids, args.n_predict, Sampler(_sampling(args)), on_text=_emit,
-                                   on_logits=on_logits)
+    generate = args.speculative.generate if args.speculative else engine.generate
+    out, timings = generate(ids, args.n_predict, Sampler(_sampling(args)), on_text=_emit,
+                            on_logits=on_logits)
     dump(ids, out)
     _emit("\n")
     return _finish(timings, args)
@@ -265,8 +269,9 @@ def run_chat(engine, args) -> int:
         text = render_for(engine.tokenizer, template, messages, add_generation_prompt=True)
         ids = engine.tokenizer.encode(text, add_special=True, parse_special=True)
         reply = []
-        out, timings = engine.generate(ids, args.n_predict, sampler,
-                                       on_text=lambda s: (reply.append(s), _emit(s)))
+        generate = args.speculative.generate if args.speculative else engine.generate
+        out, timings = generate(ids, args.n_predict, sampler,
+                                on_text=lambda s: (reply.append(s), _emit(s)))
         messages.append({"role": "assistant", "content": "".join(reply)})
         _emit("\n")
     return _finish(timings, args) if timings else 0
@@ -274,8 +279,36 @@ def run_chat(engine, args) -> int:
 
 def _finish(timings, args) -> int:
     timings.print()
+    if "spec_drafted" in timings.extra:
+        x = timings.extra
+        print(f"[spec] drafted {x['spec_drafted']}, accepted {x['spec_accepted']} "
+              f"({100 * x['spec_acceptance_rate']:.1f} %), {x['spec_steps']} target passes for "
+              f"{x['generated_tokens']} tokens; {x['spec_dropped']} drafted tokens dropped as "
+              "shorter than --draft-min", file=sys.stderr)
     if args.stats_json:
         Path(args.stats_json).write_text(json.dumps(timings.as_dict(), indent=2))
+    return 0
+
+
+def _load_draft(engine, args) -> int:
+    """Sets args.speculative (a SpeculativeDecoder, or None without -md); an exit code on error."""
+    from prima_ref.gguf_file import GGUFFormatError
+    from prima_ref.speculative import load_draft
+
+    args.speculative = None
+    if args.model_draft and not Path(args.model_draft).is_file():
+        print(f"prima-cli: draft model file not found: {args.model_draft}", file=sys.stderr)
+        return 1
+    try:
+        args.speculative = load_draft(args, engine)
+    except (GGUFFormatError, ValueError) as err:  # VocabMismatchError is a ValueError
+        print(f"prima-cli: cannot use the draft model {args.model_draft}: {err}", file=sys.stderr)
+        return 1
+    if args.speculative is not None:
+        d = args.speculative.draft
+        print(f"[load] draft {Path(args.model_draft).name}: {d.model.cfg.n_layer} layers, "
+              f"{d.load_ms:.0f} ms; --draft-max {args.speculative.n_max}, --draft-min "
+              f"{args.draft_min}, --draft-p-min {args.draft_p_min}", file=sys.stderr)
     return 0
 
 
@@ -306,6 +339,9 @@ def main(argv=None) -> int:
     if ring is not None and ring.endpoints.rank != 0:
         from prima_ref.ring.worker import serve
 
+        if args.model_draft:
+            print(f"[spec] -md ignored on rank {ring.endpoints.rank}: the draft runs on rank 0",
+                  file=sys.stderr)
         try:
             return serve(ring, path)
         except KeyboardInterrupt:
@@ -321,6 +357,10 @@ def main(argv=None) -> int:
         return 1
     print(f"[load] {path.name}: {engine.model.cfg.arch}, {engine.model.cfg.n_layer} layers, "
           f"ctx {engine.n_ctx}, {engine.load_ms:.0f} ms", file=sys.stderr)
+    rc = _load_draft(engine, args)
+    if rc:
+        engine.close()
+        return rc
     try:
         return run_chat(engine, args) if args.conversation else run_prompt(engine, args)
     except RingError as err:
@@ -330,6 +370,8 @@ def main(argv=None) -> int:
         print("\nprima-cli: interrupted; stopping every rank", file=sys.stderr)
         return 130
     finally:
+        if args.speculative is not None:
+            args.speculative.close()
         engine.close()
 
 

@@ -10,13 +10,14 @@ import resource
 import sys
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
 from prima_ref.gguf_file import GGUFModel
 from prima_ref.model.config import ModelConfig
-from prima_ref.model.transformer import ContextFullError, Transformer
+from prima_ref.model.transformer import ContextFullError, Transformer, row_by_row
 from prima_ref.sampling import Sampler
 from prima_ref.tokenizer import StreamDecoder, Tokenizer
 
@@ -133,24 +134,31 @@ class Engine:
         # one device: stale keys past the end are never read (attention stops at the position)
         del self.slot_tokens[slot][p0:]
 
-    def eval(self, tokens: list[int], slot: int = 0) -> np.ndarray:
-        """Append tokens to a slot's context in batches; logits (n_vocab,) after the last one."""
+    def eval(self, tokens: list[int], all_logits: bool = False, rows: bool = False,
+             slot: int = 0) -> np.ndarray:
+        """Append tokens to a slot's context in batches; logits (n_vocab,) after the last one,
+        or with all_logits those of every token (n_tokens, n_vocab), as a draft's verifier
+        needs. rows: each batch row is computed alone (row_by_row), bit-equal to one-token evals."""
         cached = self.slot_tokens[slot]
         if len(cached) + len(tokens) > self.n_ctx:
             raise ContextFullError(
                 f"{len(cached) + len(tokens)} tokens do not fit in the context of {self.n_ctx} (use -c)"
             )
-        logits = None
+        if all_logits and slot != 0:
+            raise ValueError("all_logits evaluates slot 0 only (speculative decoding holds one sequence)")
+        logits, out = None, []
         for i in range(0, len(tokens), self.n_batch):
             batch = tokens[i : i + self.n_batch]
-            if slot == 0:
+            if all_logits:
+                out.append(self._forward_all(batch, rows))
+            elif slot == 0:
                 logits = self._forward(batch, len(cached))[-1]
             else:
                 positions = np.arange(len(cached), len(cached) + len(batch))
                 logits = self._forward_rows(batch, positions, np.full(len(batch), slot),
                                             last_only=True)[-1]
             cached.extend(batch)
-        return logits
+        return np.concatenate(out) if all_logits else logits
 
     def decode(self, slots: list[int], tokens: list[int]) -> np.ndarray:
         """One token for each of several slots in one forward (one pass round a ring);
@@ -166,6 +174,26 @@ class Engine:
         for s, tok in zip(slots, tokens):
             self.slot_tokens[s].append(int(tok))
         return logits
+
+    def _forward_all(self, batch: list[int], rows: bool) -> np.ndarray:
+        """Logits of every token of a batch; rows: each row computed alone (row_by_row)."""
+        if self.ring is not None:
+            return self.ring.forward(batch, len(self.tokens), all_logits=True, rows=rows)
+        with row_by_row() if rows else nullcontext():
+            return self.model.forward(batch, len(self.tokens), all_logits=True)
+
+    def truncate(self, n_keep: int) -> None:
+        """Forget every cached position of slot 0 from n_keep on, on every rank (a KV command
+        round the ring); rejected draft tokens leave the cache this way."""
+        n_held = len(self.tokens)
+        if not 0 <= n_keep <= n_held:
+            raise ValueError(f"cannot keep {n_keep} of the {n_held} cached positions")
+        if n_keep < n_held:
+            if self.ring is not None:
+                self.ring.kv_remove(n_keep, n_held)  # every rank, its own layers
+            else:
+                self.model.kv_remove(n_keep, n_held)
+            del self.tokens[n_keep:]
 
     def generate(self, prompt: list[int], n_predict: int, sampler: Sampler,
                  on_text: Callable[[str], None] | None = None,

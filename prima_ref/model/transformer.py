@@ -4,7 +4,9 @@ and the output head. Weights stay zero-copy views of the mapped GGUF file.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,7 +26,25 @@ class Weight:
         """x (n_tokens, n_in) -> (n_tokens, n_out)."""
         if x.shape[0] == 1:
             return self.kern.matvec(self.rows, x[0])[None, :]
+        if getattr(_PRODUCTS, "row_by_row", False):
+            return np.stack([self.kern.matvec(self.rows, row) for row in x])
         return self.kern.matmul(self.rows, x)
+
+
+_PRODUCTS = threading.local()  # per thread: a server may verify and prefill at once
+
+
+@contextmanager
+def row_by_row():
+    """Within this block (this thread) every product takes its rows one at a time (matvec), so
+    each row of a batch is bit-equal to a one-token pass; the batched matmul of some types sums
+    in another order. Speculative verification uses it to reproduce single-token decoding."""
+    saved = getattr(_PRODUCTS, "row_by_row", False)
+    _PRODUCTS.row_by_row = True
+    try:
+        yield
+    finally:
+        _PRODUCTS.row_by_row = saved
 
 
 class MissingTensorError(ValueError):

@@ -12,10 +12,12 @@ from __future__ import annotations
 import os
 import socket
 import time
+from contextlib import nullcontext
 
 import numpy as np
 import zmq
 
+from prima_ref.model.transformer import row_by_row
 from prima_ref.ring import protocol as P
 from prima_ref.ring.control import HeadControl, log
 from prima_ref.ring.memory import WindowPager
@@ -100,12 +102,16 @@ class Head:
         self.request += 1
         self.step = 0
 
-    def forward(self, tokens, start_pos: int) -> np.ndarray:
-        """Logits (1, n_vocab) of the last of `tokens`, computed round the ring."""
+    def forward(self, tokens, start_pos: int, all_logits: bool = False,
+                rows: bool = False) -> np.ndarray:
+        """Logits (1, n_vocab) of the last of `tokens` (all_logits: of every one, (n_tokens,
+        n_vocab)), computed in one pass round the ring; rows: every rank takes the rows one at
+        a time (DATA_ROWS), each bit-equal to a one-token pass."""
         positions = np.arange(start_pos, start_pos + len(tokens), dtype=np.int32)
-        return self.forward_rows(tokens, positions, None, last_only=True)
+        return self.forward_rows(tokens, positions, None, last_only=not all_logits, rows=rows)
 
-    def forward_rows(self, tokens, positions, slots=None, last_only: bool = False) -> np.ndarray:
+    def forward_rows(self, tokens, positions, slots=None, last_only: bool = False,
+                     rows: bool = False) -> np.ndarray:
         """One pass round the ring for rows of several sequences (row t: slots[t] at
         positions[t]; slots None: all slot 0); logits of every row, or of the last one."""
         tokens = np.asarray(tokens, dtype=np.int64)
@@ -114,9 +120,14 @@ class Head:
             raise ValueError(f"{tokens.size} tokens exceed the ring's batch of {self.n_batch}")
         x = self.model.embed(tokens)  # (n_tokens, n_embd)
         self.step += 1
+        kind = P.DATA_ROWS if rows else P.DATA
+        with row_by_row() if rows else nullcontext():
+            return self._rounds(kind, positions, x, slots, last_only)
+
+    def _rounds(self, kind: int, positions: np.ndarray, x: np.ndarray, slots, last_only: bool):
         for r in range(self.k):
-            self._send(P.data_frames(self._header(P.DATA, r * self.M), positions, x, slots))
-            msg = self._receive(P.DATA, (r + 1) * self.M - 1)
+            self._send(P.data_frames(self._header(kind, r * self.M), positions, x, slots))
+            msg = self._receive(kind, (r + 1) * self.M - 1)
             if not np.array_equal(msg.positions, positions):
                 raise RingError(f"rank {self.M - 1} returned positions {msg.positions[:4]}..., "
                                 f"sent {positions[:4]}...")

@@ -4,6 +4,7 @@
                                    request id, step, sequence number (hop), a, b
     DATA    [header(a=n_tokens, b=n_embd), positions int32 (n_tokens,) [+ slots int32 (n_tokens,)],
              x float32 (n_tokens, n_embd)]   without slot ids every row belongs to slot 0
+    DATA_ROWS  as DATA; every rank computes the rows one at a time (bit-equal to 1-token passes)
     KV      [header(a=p0, b=p1) [, slot uint32]]   remove cached positions [p0, p1) of a slot
                                        (default 0; p1 = KV_END: to the end)
     PROBE   [header(a=n_floats), payload float32 (n_floats,)]   travels one round untouched
@@ -30,11 +31,12 @@ VERSION = 1
 HEADER = struct.Struct("<4sBBHIIIIII")
 KV_END = 0xFFFFFFFF
 
-DATA, KV, PROBE = 1, 2, 3
+DATA, KV, PROBE, DATA_ROWS = 1, 2, 3, 4
 HELLO, CONFIG, READY, HEARTBEAT, ERROR, STOP = 10, 11, 12, 13, 14, 15
-DATA_KINDS = (DATA, KV, PROBE)
+ACTIVATIONS = (DATA, DATA_ROWS)
+DATA_KINDS = (DATA, KV, PROBE, DATA_ROWS)
 CONTROL_KINDS = (HELLO, CONFIG, READY, HEARTBEAT, ERROR, STOP)
-KIND_NAMES = {DATA: "DATA", KV: "KV", PROBE: "PROBE", HELLO: "HELLO", CONFIG: "CONFIG",
+KIND_NAMES = {DATA: "DATA", DATA_ROWS: "DATA_ROWS", KV: "KV", PROBE: "PROBE", HELLO: "HELLO", CONFIG: "CONFIG",
               READY: "READY", HEARTBEAT: "HEARTBEAT", ERROR: "ERROR", STOP: "STOP"}
 MAX_CONTROL_BYTES = 1 << 20  # a CONFIG with every layer id of a 200-layer plan is ~10 KB
 
@@ -85,7 +87,8 @@ def data_frames(h: Header, positions: np.ndarray, x: np.ndarray, slots: np.ndarr
     if slots is not None and np.any(slots):
         positions = np.concatenate([positions, np.asarray(slots, dtype=np.int32)])
     x = np.ascontiguousarray(x, dtype=np.float32)  # (n_tokens, n_embd)
-    return [Header(DATA, h.sender, h.session, h.request, h.step, h.seq, x.shape[0], x.shape[1]).pack(),
+    kind = h.kind if h.kind in ACTIVATIONS else DATA
+    return [Header(kind, h.sender, h.session, h.request, h.step, h.seq, x.shape[0], x.shape[1]).pack(),
             positions, x]
 
 
@@ -118,7 +121,7 @@ def parse(frames, *, n_embd: int | None = None, max_tokens: int | None = None) -
     if not frames:
         raise ProtocolError("empty message")
     h = parse_header(frames[0])
-    if h.kind == DATA:
+    if h.kind in ACTIVATIONS:
         return _parse_data(h, frames, n_embd, max_tokens)
     if h.kind == KV:
         if len(frames) not in (1, 2) or (len(frames) == 2 and len(_buf(frames[1])) != 4):

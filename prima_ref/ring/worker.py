@@ -12,13 +12,14 @@ from __future__ import annotations
 import json
 import os
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import zmq
 
 from prima_ref.gguf_file import GGUFModel
 from prima_ref.model.config import ModelConfig
-from prima_ref.model.transformer import Transformer
+from prima_ref.model.transformer import Transformer, row_by_row
 from prima_ref.ring import protocol as P
 from prima_ref.ring.control import WorkerControl, log
 from prima_ref.ring.memory import WindowPager, mapped_file_rss_bytes, proc_status_bytes
@@ -143,7 +144,7 @@ class _Worker:
         r = h.seq // self.ep.world
         out = P.Header(h.kind, self.rank, h.session, h.request, h.step, h.seq + 1, h.a, h.b)
         try:
-            if h.kind == P.DATA:
+            if h.kind in P.ACTIVATIONS:
                 frames_out = P.data_frames(out, msg.positions, self._compute(r, msg), msg.slots)
             elif h.kind == P.KV:
                 self.model.kv_remove(h.a, None if h.b == P.KV_END else h.b, msg.slot)
@@ -170,7 +171,7 @@ class _Worker:
         if h.key <= self.last_key:
             raise P.ProtocolError(f"stale {h}: already past request {self.last_key[0]} step "
                                   f"{self.last_key[1]} seq {self.last_key[2]}")
-        rounds = self.layout.k if h.kind == P.DATA else 1
+        rounds = self.layout.k if h.kind in P.ACTIVATIONS else 1
         if h.seq % M != self.rank - 1 or h.seq // M >= rounds:
             raise P.ProtocolError(f"{h} is not for this rank's place in the ring")
         if msg.positions is not None and (msg.positions.min() < 0 or msg.positions.max() >= self.n_ctx):
@@ -183,7 +184,9 @@ class _Worker:
     def _compute(self, r: int, msg: P.Message):
         t0 = time.perf_counter()
         window = self.windows[r]
-        x = self.model.forward_layers(msg.x, msg.positions, window[0], window[-1] + 1, msg.slots)
+        with row_by_row() if msg.header.kind == P.DATA_ROWS else nullcontext():
+            x = self.model.forward_layers(msg.x, msg.positions, window[0], window[-1] + 1,
+                                          msg.slots)
         self.pager.after_compute(r)
         self.stats["steps"] += 1
         self.stats["compute_ms"] += (time.perf_counter() - t0) * 1e3
