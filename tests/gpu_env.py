@@ -5,6 +5,7 @@ arithmetic on the CPU."""
 
 import ctypes
 import os
+import sys
 
 
 def cuda_device_present() -> bool:
@@ -23,6 +24,10 @@ def cuda_device_present() -> bool:
 if (os.environ.get("PRIMA_GPU_TESTS") != "device" and not cuda_device_present()
         and "NUMBA_ENABLE_CUDASIM" not in os.environ):
     os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
-    from numba import cuda  # noqa: F401  (numba reads the variable once, here)
+    if "numba" in sys.modules:  # an earlier test imported numba: make it read the variable again
+        from numba.core import config
+
+        config.reload_config()
+    from numba import cuda  # noqa: F401  (numba.cuda picks the simulator once, here)
 
     del os.environ["NUMBA_ENABLE_CUDASIM"]  # child processes of later tests must not inherit it
