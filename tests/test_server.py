@@ -285,3 +285,34 @@ def test_two_rank_ring_server_equals_prima_cli(tmp_path, smollm2_path, reference
             p.terminate()
             assert p.wait(30) == 0, ch.logs()
             assert ring.wait(15) == {1: 0}, ring.log(1)  # rank 1 left on STOP
+
+
+def test_draft_model_server_equals_prima_cli_without_draft(tmp_path, smollm2_path,
+                                                           smollm2_q8_0_path):
+    """-md on the server: SmolLM2 Q4_1 drafts for the Q8_0 target; the greedy answer, streamed
+    and whole, equals prima-cli's on the target alone (issue 9's flags on prima-server)."""
+    port = free_port_base(1)
+    with Children(tmp_path) as ch:
+        want = cli_output(ch, "cli", smollm2_q8_0_path, PROMPT, N)
+        p = ch.start("server", server_cmd(smollm2_q8_0_path, port, "-c", 512, "-md", smollm2_path,
+                                          "--draft-min", 1, "--draft-p-min", 0.3, "--alias", "x"))
+        base = f"http://127.0.0.1:{port}"
+        wait_health(base, p)
+        c = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=120)
+        r = c.completions.create(model="x", prompt=PROMPT, temperature=0, max_tokens=N)
+        assert r.choices[0].text == want
+        streamed = "".join(k.choices[0].text for k in c.completions.create(
+            model="x", prompt=PROMPT, temperature=0, max_tokens=N, stream=True) if k.choices)
+        assert streamed == want
+        log = ch.err("server")
+        assert "[server] draft SmolLM2" in log
+        accepted = [int(w.split("/")[0]) for w in log.split() if "/" in w and w[0].isdigit()]
+        assert accepted and max(accepted) > 0, log  # the draft's tokens were really used
+
+
+def test_draft_model_needs_one_slot(smollm2_path):
+    import subprocess
+
+    r = subprocess.run(server_cmd(smollm2_path, free_port_base(1), "-np", 2, "-md", smollm2_path),
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "-np 1" in r.stderr

@@ -22,6 +22,7 @@ import threading
 from pathlib import Path
 
 from prima_ref.cli import DEFAULTS, _model_path, _ring_flags, _sampling, ring_options
+from prima_ref.speculative import add_draft_flags, load_draft
 from prima_ref.server.scheduler import log
 
 LOOPBACK_NAMES = ("localhost",)
@@ -60,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--repeat-last-n", type=int, default=DEFAULTS["repeat_last_n"])
     p.add_argument("--stats-json", help=argparse.SUPPRESS)  # ring_options reads it
     _ring_flags(p.add_argument_group("ring (prima.cpp's distributed flags; this is rank 0)"))
+    add_draft_flags(p)
     return p
 
 
@@ -81,6 +83,10 @@ def _check_args(p: argparse.ArgumentParser, args) -> None:
         p.error("prima-server runs on rank 0; start the other ranks with prima-cli --rank N")
     if args.max_body_bytes < 1024:
         p.error("--max-body-bytes must be at least 1024")
+    if args.model_draft and args.parallel != 1:
+        p.error("-md drafts for one sequence at a time: use -np 1 with a draft model")
+    if args.model_draft and not Path(args.model_draft).is_file():
+        p.error(f"draft model file not found: {args.model_draft}")
 
 
 def _load(state, args, path: Path, ring, on_fail) -> None:
@@ -108,8 +114,13 @@ def _load(state, args, path: Path, ring, on_fail) -> None:
         state.engine = engine
         if args.parallel > 1 and args.decode_batching == "auto":
             state.status = "timing decode batches"
+        spec = load_draft(args, engine)  # None without -md
+        if spec is not None:
+            log(f"draft {Path(args.model_draft).name}: {spec.draft.model.cfg.n_layer} layers; "
+                f"--draft-max {spec.n_max}, --draft-min {args.draft_min}, --draft-p-min "
+                f"{args.draft_p_min}")
         state.scheduler = Scheduler(engine, max_queue=args.max_queue,
-                                    calibrate=args.decode_batching == "auto")
+                                    calibrate=args.decode_batching == "auto", spec=spec)
         state.status = "ok"
         log(f"{path.name}: {engine.model.cfg.arch}, {engine.model.cfg.n_layer} layers, "
             f"{args.parallel} slot(s) of {n_ctx} positions, loaded in {engine.load_ms:.0f} ms; ready")
@@ -197,6 +208,8 @@ def main(argv=None) -> int:
         loader.join(timeout=5)
         if state.scheduler is not None:
             state.scheduler.close()
+            if state.scheduler.spec is not None:
+                state.scheduler.spec.close()
         if state.engine is not None:
             state.engine.close()  # a ring: every rank leaves on STOP
         log("stopped")

@@ -56,8 +56,11 @@ class Job:
 
 
 class Scheduler:
-    def __init__(self, engine, max_queue: int = 64, calibrate: bool = True):
-        self.engine = engine
+    def __init__(self, engine, max_queue: int = 64, calibrate: bool = True, spec=None):
+        """spec: a SpeculativeDecoder (-md) over `engine`; it needs a single slot."""
+        if spec is not None and engine.n_slots != 1:
+            raise ValueError("speculative decoding serves one slot: use -np 1 with -md")
+        self.engine, self.spec = engine, spec
         self.n_slots = engine.n_slots
         self.slots: list[Job | None] = [None] * self.n_slots
         self.aligned = [0] * self.n_slots  # cached positions computed in whole prompt chunks
@@ -119,9 +122,12 @@ class Scheduler:
         try:
             while not self._stop.is_set():
                 self._drop_cancelled()
-                self._admit()
-                worked = self._prompt_step()
-                worked = self._decode_step() or worked
+                if self.spec is not None:
+                    worked = self._speculative_job()
+                else:
+                    self._admit()
+                    worked = self._prompt_step()
+                    worked = self._decode_step() or worked
                 if not worked:
                     self._wake.wait(IDLE_WAIT_S)
                     self._wake.clear()
@@ -216,6 +222,43 @@ class Scheduler:
             for job, row in zip(group, logits):
                 job.next_token = None
                 self._take(job, row)
+        return True
+
+    def _speculative_job(self) -> bool:
+        """With a draft model: the next request runs whole through SpeculativeDecoder.generate
+        (draft, one verifying target pass, KV trimmed on every rank), its text streamed as the
+        target accepts it; the same tokens prima-cli -md gives."""
+        try:
+            job = self.pending.get_nowait()
+        except queue.Empty:
+            return False
+        if job.cancelled.is_set():
+            self._finish(job, "cancelled")
+            return True
+        job.slot, self.slots[0] = 0, job
+        self.aligned[0] = 0  # the decoder evaluates in its own batches: no chunk reuse after it
+        found = False
+
+        def on_text(piece: str) -> None:
+            nonlocal found
+            if not found:
+                job.text += piece
+                found = self._emit_text(job)
+
+        out, t = self.spec.generate(job.prompt, job.max_tokens, job.sampler, on_text=on_text,
+                                    stop=lambda _tok: found or job.cancelled.is_set())
+        x = t.extra
+        log(f"task {job.id}: {len(out)} tokens in {t.eval_tokens} target passes, "
+            f"{x['spec_accepted']}/{x['spec_drafted']} drafted tokens accepted")
+        if job.cancelled.is_set():
+            reason = "cancelled"
+        elif found or self._emit_text(job, final=True):
+            reason = "stop"
+        elif len(out) >= job.max_tokens or len(self.engine.tokens) >= self.engine.n_ctx:
+            reason = "length"
+        else:
+            reason = "stop"  # an end-of-generation token
+        self._finish(job, reason, flushed=True)
         return True
 
     def _calibrate(self) -> None:
