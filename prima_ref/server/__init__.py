@@ -22,8 +22,8 @@ import threading
 from pathlib import Path
 
 from prima_ref.cli import DEFAULTS, _model_path, _ring_flags, _sampling, ring_options
-from prima_ref.speculative import add_draft_flags, load_draft
 from prima_ref.server.scheduler import log
+from prima_ref.speculative import add_draft_flags, load_draft
 
 LOOPBACK_NAMES = ("localhost",)
 MAX_BODY_BYTES = 1 << 20
