@@ -49,11 +49,13 @@ from prima_ref.quants.simd import (
     load_f32x16,
     load_i8x32,
     load_i8x64,
+    load_i32x8,
     load_nibbles_u8x32,
     load_q8_as_u8x32,
     mul_f32x16,
     or_u8x32,
     quantize_x_q8,
+    shl_i32x8,
     splat_f32x16,
 )
 
@@ -77,6 +79,7 @@ QS_OFF = {k: F16_BYTES * (1 + HAS_MIN[k]) + QH_BYTES * HAS_QH[k] for k in BLOCK_
 QH_OFF = {k: F16_BYTES * (1 + HAS_MIN[k]) for k in BLOCK_BYTES}
 U0, U1, U2 = np.uint64(0), np.uint64(1), np.uint64(2)
 K_OFFSET = {Q8_0: 128, Q4_0: 8, Q4_1: 0, Q5_0: 16, Q5_1: 0}  # u_j - k is the signed quant
+K_SHIFT = {k: int(v).bit_length() - 1 if v else 0 for k, v in K_OFFSET.items()}  # k = 1 << shift
 
 
 
@@ -85,7 +88,8 @@ def _by_kind(table: dict) -> tuple:
     return tuple(table.get(k, 0) for k in range(max(table) + 1))
 
 
-_BB, _QS, _QH, _K, _MIN = map(_by_kind, (BLOCK_BYTES, QS_OFF, QH_OFF, K_OFFSET, HAS_MIN))
+_BB, _QS, _QH, _K, _MIN, _SH = map(_by_kind, (BLOCK_BYTES, QS_OFF, QH_OFF, K_OFFSET, HAS_MIN,
+                                               K_SHIFT))
 
 
 # --- numpy reference (gguf-py's operation order) ------------------------------------------------
@@ -169,49 +173,85 @@ def _block_vnni(kind, row, o):
 
 
 @njit(cache=True, inline="always")
-def _block_dot_vnni(kind, row, o, qx, b, dx, acc):
-    """acc + (d * dx_b) * (the block's 8 lane sums of u_j * qx_j)."""
+def _block_dot_vnni(kind, row, o, qx, b, dx, acc, nls):
+    """acc + (d * dx_b) * (the block's 8 lane sums of (u_j - k) * qx_j), for types without a
+    min: the -k * sum(qx) term enters as the dot's starting value, -k times the lane sums of
+    qx (nls, negated), so each lane holds llama.cpp's exact integer, as its AVX2 dot does."""
+    init = shl_i32x8(load_i32x8(nls, b * U8), _SH[kind])
+    dot = dot_u8i8_i32x8(init, _block_vnni(kind, row, o), load_i8x32(qx, b * UQK))
+    return fma_i32x8(acc, dot, load_f16(row, o) * dx[b])
+
+
+@njit(cache=True, inline="always")
+def neg_lane_sums(qx, nls):
+    """nls[l] = -(qx[4l] + ... + qx[4l+3]): int8 x (n,) -> int32 (n // 4,)."""
+    for i in range(nls.shape[0]):
+        o = 4 * i
+        nls[i] = -(np.int32(qx[o]) + np.int32(qx[o + 1]) + np.int32(qx[o + 2]) + np.int32(qx[o + 3]))
+
+
+@njit(cache=True, inline="always")
+def _block_dot_min_vnni(kind, row, o, qx, b, dx, acc):
     dot = dot_u8i8_i32x8(i32x8_zero(), _block_vnni(kind, row, o), load_i8x32(qx, b * UQK))
     return fma_i32x8(acc, dot, load_f16(row, o) * dx[b])
 
 
 @njit(cache=True, inline="always")
-def _row_dot_vnni(kind, row, qx, dx, dxsx):
-    """sum_j w_j x_j for one weight row; qx int8 (n,), dx and dxsx f32 (n // 32,): dxsx the
-    offset term's x factor (_offset_scales)."""
-    # uint64 indices: Numba adds negative-index wraparound code to every signed array index
+def _row_dot_min_vnni(kind, row, qx, dx, dsx):
+    """Q4_1 / Q5_1: each block adds m * dsx_b (Q8_1's s) to the integer part."""
     bb, n_blocks = np.uint64(_BB[kind]), np.uint64(dx.shape[0])
-    field = np.uint64(F16_BYTES if _MIN[kind] else 0)  # offset term's scale: m, else d
+    field = np.uint64(F16_BYTES)  # m
     acc0, acc1 = f32x8_zero(), f32x8_zero()  # two chains each hide the FMA latency
     off0, off1 = np.float32(0), np.float32(0)
     for b in range(U0, n_blocks - U1, U2):
         o = b * bb
-        acc0 = _block_dot_vnni(kind, row, o, qx, b, dx, acc0)
-        acc1 = _block_dot_vnni(kind, row, o + bb, qx, b + U1, dx, acc1)
-        off0 += load_f16(row, o + field) * dxsx[b]
-        off1 += load_f16(row, o + bb + field) * dxsx[b + U1]
+        acc0 = _block_dot_min_vnni(kind, row, o, qx, b, dx, acc0)
+        acc1 = _block_dot_min_vnni(kind, row, o + bb, qx, b + U1, dx, acc1)
+        off0 += load_f16(row, o + field) * dsx[b]
+        off1 += load_f16(row, o + bb + field) * dsx[b + U1]
     if n_blocks & U1:
         b = n_blocks - U1
-        acc0 = _block_dot_vnni(kind, row, b * bb, qx, b, dx, acc0)
-        off0 += load_f16(row, b * bb + field) * dxsx[b]
-    scale_off = np.float32(1) if _MIN[kind] else np.float32(-_K[kind])
-    return hsum_f32x8(acc0) + hsum_f32x8(acc1) + scale_off * (off0 + off1)
+        acc0 = _block_dot_min_vnni(kind, row, b * bb, qx, b, dx, acc0)
+        off0 += load_f16(row, b * bb + field) * dsx[b]
+    return hsum_f32x8(acc0) + hsum_f32x8(acc1) + (off0 + off1)
 
 
 @njit(cache=True, inline="always")
-def _row_dot_portable(kind, row, qx, dx, dxsx):
+def _row_dot_vnni(kind, row, qx, dx, dsx, nls):
+    """sum_j w_j x_j for one weight row; qx int8 (n,), dx f32 (n // 32,); types with a min
+    add m * dsx per block (Q8_1's s), the others start each block dot at nls << log2(k)."""
+    if _MIN[kind]:
+        return _row_dot_min_vnni(kind, row, qx, dx, dsx)
+    # uint64 indices: Numba adds negative-index wraparound code to every signed array index
+    bb, n_blocks = np.uint64(_BB[kind]), np.uint64(dx.shape[0])
+    acc0, acc1 = f32x8_zero(), f32x8_zero()  # two chains each hide the FMA latency
+    for b in range(U0, n_blocks - U1, U2):
+        o = b * bb
+        acc0 = _block_dot_vnni(kind, row, o, qx, b, dx, acc0, nls)
+        acc1 = _block_dot_vnni(kind, row, o + bb, qx, b + U1, dx, acc1, nls)
+    if n_blocks & U1:
+        b = n_blocks - U1
+        acc0 = _block_dot_vnni(kind, row, b * bb, qx, b, dx, acc0, nls)
+    return hsum_f32x8(acc0) + hsum_f32x8(acc1)
+
+
+@njit(cache=True, inline="always")
+def _row_dot_portable(kind, row, qx, dx, dsx, nls):
     """_row_dot_vnni's arithmetic in plain Numba, for CPUs without VNNI."""
     bb = _BB[kind]
     acc, off = np.float32(0), np.float32(0)
-    field = F16_BYTES if _MIN[kind] else 0
     for b in range(dx.shape[0]):
         o = b * bb
         dot = np.int32(0)
         for j in range(QK):
             dot += _quant(kind, row, o, j) * np.int32(qx[b * QK + j])
+        if not _MIN[kind]:
+            for i in range(8):
+                dot += nls[b * 8 + i] << _SH[kind]
         acc += np.float32(dot) * (load_f16(row, o) * dx[b])
-        off += load_f16(row, o + field) * dxsx[b]
-    return acc + (np.float32(1) if _MIN[kind] else np.float32(-_K[kind])) * off
+        if _MIN[kind]:
+            off += load_f16(row, o + F16_BYTES) * dsx[b]
+    return acc + off
 
 
 # --- matmul: each weight block decoded once, reused over all tokens ------------------------------
@@ -305,9 +345,11 @@ def _compile(kind: int, vnni: bool):
     if vnni:
 
         @njit(cache=True, parallel=True)
-        def matvec(raw, qx, dx, dxsx, y):
+        def matvec(raw, qx, dx, dsx, y):
+            nls = np.empty(qx.shape[0] // 4, np.int32)
+            neg_lane_sums(qx, nls)
             for r in prange(raw.shape[0]):
-                y[r] = _row_dot_vnni(kind, raw[r], qx, dx, dxsx)
+                y[r] = _row_dot_vnni(kind, raw[r], qx, dx, dsx, nls)
 
         @njit(cache=True, parallel=True)
         def matmul(raw, qxb, dx8, dxsxb, ys):
@@ -316,9 +358,11 @@ def _compile(kind: int, vnni: bool):
     else:
 
         @njit(cache=True, parallel=True)
-        def matvec(raw, qx, dx, dxsx, y):
+        def matvec(raw, qx, dx, dsx, y):
+            nls = np.empty(qx.shape[0] // 4, np.int32)
+            neg_lane_sums(qx, nls)
             for r in prange(raw.shape[0]):
-                y[r] = _row_dot_portable(kind, raw[r], qx, dx, dxsx)
+                y[r] = _row_dot_portable(kind, raw[r], qx, dx, dsx, nls)
 
         @njit(cache=True, parallel=True)
         def matmul(raw, qxb, dx8, dxsxb, ys):
@@ -389,7 +433,7 @@ def make_kernels(qtype: T, vnni: bool) -> QuantKernels:
         x = _check_x(qtype, x, _check_raw(qtype, raw), 1)
         qx, dx, sx, dsx = quantize_x_q8(x)
         y = np.empty(raw.shape[0], np.float32)  # (n_rows,)
-        matvec_nb(raw, qx, dx, _offset_scales(kind, dx, sx, dsx), y)
+        matvec_nb(raw, qx, dx, dsx, y)
         return y
 
     def matmul(raw, xs):

@@ -22,6 +22,7 @@ Stable API (other quant families build on it):
     ``or_u8x32(a, b)``
     ``dot_u8i8_i32x8(acc, u, s)``  acc + 4-byte group sums of u*s: VNNI vpdpbusd (only call it
                                 when ``has_vnni()``; LLVM cannot select it otherwise)
+    ``load_i32x8(a, i)`` a[i:i+8] of an int32 array, ``shl_i32x8(v, n)`` lanes << n
     ``i32x8_zero()``, ``f32x8_zero()``, ``splat_f32x8(s)``, ``mul_f32x8(a, s)``
     ``fma_i32x8(acc, v, s)``    acc + float(v) * s; s is an F32x8 or a scalar float (splat)
     ``fma_i32x8_store(out, i, v, s)``  out[i:i+8] += float(v) * s (out float32 1-D)
@@ -393,6 +394,32 @@ def dot_u8i8_i32x8(typingctx, acc, u, s):
         return builder.call(fn, [acc_v, builder.bitcast(u_v, _V8I32), builder.bitcast(s_v, _V8I32)])
 
     return I32x8(acc, u, s), codegen
+
+
+@intrinsic
+def load_i32x8(typingctx, a, i):
+    """a[i:i+8] of an int32 1-D array."""
+    if not (isinstance(a, types.Array) and a.dtype == types.int32 and a.ndim == 1
+            and isinstance(i, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.load(_f32_ptr(context, builder, sig, args, 0, 1, _V8I32), align=4)
+
+    return I32x8(a, i), codegen
+
+
+@intrinsic
+def shl_i32x8(typingctx, v, n):
+    """v << n in every lane; n a compile-time constant in practice (one vpslld)."""
+    if v != I32x8 or not isinstance(n, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        n32 = context.cast(builder, args[1], sig.args[1], types.int32)
+        return builder.shl(args[0], _splat(builder, n32, _V8I32))
+
+    return I32x8(v, n), codegen
 
 
 @intrinsic
