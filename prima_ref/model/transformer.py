@@ -11,10 +11,10 @@ import numpy as np
 
 from prima_ref.model import ops
 from prima_ref.model.config import ModelConfig
-from prima_ref.quants import QuantKernels, fused, kernels
+from prima_ref.quants import QuantKernels, fused, kernels, legacy
 
 _EMPTY_F32 = np.zeros(0, np.float32)  # "no norm" / "no residual" for the fused kernels
-_GELU_TABLE_F32 = ops._GELU_TABLE_F16.astype(np.float32)
+_GELU_TABLE_F32 = ops.GELU_TABLE_F32
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,15 @@ def _weight(model, name: str, shape: tuple[int, int] | None = None) -> Weight:
     return Weight(name, kernels(info.qtype), model.tensor_rows(name), int(info.qtype))
 
 
+def _products(weights: tuple[Weight, ...], h: np.ndarray) -> list[np.ndarray]:
+    """Each weight times h (n_tokens, n_in); legacy-quant matrices share one int8 activation
+    preparation in prefill (the same floats as preparing it per matrix)."""
+    if h.shape[0] > 1 and all(w.fusable for w in weights):
+        act = legacy.prepare_activations(h)
+        return [legacy.matmul_prepared(w.qtype, w.rows, act) for w in weights]
+    return [w(h) for w in weights]
+
+
 def _readonly(rows: np.ndarray) -> np.ndarray:
     """The same bytes as a read-only view: the fused kernels take tuples of matrices, which
     Numba types as one array type only when their flags agree."""
@@ -65,7 +74,7 @@ class DecodePlan:
         qkv = (layer.wq, layer.wk, layer.wv)
         self.qkv = tuple(_readonly(w.rows) for w in qkv) if all(w.fusable for w in qkv) else None
         self.qkv_kinds = np.array([w.qtype for w in qkv], np.int64)
-        self.qkv_split = np.cumsum([w.rows.shape[0] for w in qkv])[:2]
+        self.qkv_split = tuple(int(v) for v in np.cumsum([w.rows.shape[0] for w in qkv])[:2])
         self.wo = (_readonly(layer.wo.rows),) if layer.wo.fusable else None
         self.wo_kinds = np.array([layer.wo.qtype], np.int64)
         self.ffn = layer.w_gate.fusable and layer.w_up.fusable
@@ -206,10 +215,10 @@ class Transformer:
         if x.shape[0] == 1 and plan.qkv is not None:
             y = np.empty(plan.qkv_split[1] + w.wv.rows.shape[0], np.float32)
             fused.matvec_group(plan.qkv, plan.qkv_kinds, x[0], w.attn_norm, plan.eps, _EMPTY_F32, y)
-            q, k, v = np.split(y[None, :], plan.qkv_split, axis=1)
-            return q, k, v
-        h = self._norm(x, w.attn_norm)
-        return w.wq(h), w.wk(h), w.wv(h)
+            y = y[None, :]
+            a, b = plan.qkv_split
+            return y[:, :a], y[:, a:b], y[:, b:]
+        return _products((w.wq, w.wk, w.wv), self._norm(x, w.attn_norm))
 
     def _attn_out(self, w: Layer, x: np.ndarray, att: np.ndarray) -> np.ndarray:
         """x + (post-normed) W_o att."""
@@ -231,8 +240,7 @@ class Transformer:
             fused.ffn_gate_up(plan.gate_rows, w.w_gate.qtype, plan.up_rows, w.w_up.qtype, x[0], w.ffn_norm, plan.eps, plan.act,
                               _GELU_TABLE_F32, gate[0])
         else:
-            h = self._norm(x, w.ffn_norm)
-            gate, up = w.w_gate(h), w.w_up(h)
+            gate, up = _products((w.w_gate, w.w_up), self._norm(x, w.ffn_norm))
             if self.cfg.ffn_act == "gelu":
                 ops.gelu_mul(gate, up)
             else:

@@ -24,9 +24,9 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from prima_ref.model.ops import rms_norm
+from prima_ref.model.ops import gelu_f16_table, rms_norm
 from prima_ref.quants import legacy as L
-from prima_ref.quants.simd import _quantize_rows_q8, f32_bits, has_vnni, round_f16
+from prima_ref.quants.simd import _quantize_rows_q8, has_vnni
 
 _VNNI = has_vnni()
 FUSABLE_KINDS = frozenset((L.Q8_0, L.Q4_0, L.Q4_1, L.Q5_0, L.Q5_1))
@@ -104,31 +104,10 @@ def matvec_group(raws, kinds, x, norm_w, eps, residual, y):
 
 
 @njit(cache=True, inline="always")
-def _f16_bits(x):
-    """x float32 -> the bits of x rounded to f16 (numpy's astype(float16).view(uint16))."""
-    r = round_f16(x)
-    bits = f32_bits(r)
-    sign = (bits >> np.uint32(16)) & np.uint32(0x8000)
-    mag = bits & np.uint32(0x7FFFFFFF)
-    if mag > np.uint32(0x7F800000):
-        return np.uint16(sign | np.uint32(0x7E00))
-    if mag >= np.uint32(0x47800000):  # >= 65536 after rounding: inf
-        return np.uint16(sign | np.uint32(0x7C00))
-    if mag < np.uint32(0x38800000):  # f16 subnormal or zero: exact multiple of 2**-24
-        return np.uint16(sign | np.uint32(abs(r) * np.float32(2.0**24)))
-    exp = (mag >> np.uint32(23)) - np.uint32(112)
-    return np.uint16(sign | (exp << np.uint32(10)) | ((mag >> np.uint32(13)) & np.uint32(0x3FF)))
-
-
-@njit(cache=True, inline="always")
 def _activate(act, g, u, gelu_table):
     if act == ACT_SILU:  # ops.silu_mul
         return g / (np.float32(1.0) + np.exp(-g)) * u
-    if g <= np.float32(-10.0):  # ops.gelu_mul
-        return np.float32(0.0) * u
-    if g >= np.float32(10.0):
-        return g * u
-    return gelu_table[_f16_bits(g)] * u
+    return gelu_f16_table(g, gelu_table) * u  # ops.gelu_mul
 
 
 @njit(cache=True, parallel=True)

@@ -26,6 +26,8 @@ operation order per type, so it is bit-equal to ``gguf.quants.dequantize``.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 from gguf.constants import GGMLQuantizationType as T
 from numba import njit, prange
@@ -54,6 +56,7 @@ from prima_ref.quants.simd import (
     load_q8_as_u8x32,
     mul_f32x16,
     or_u8x32,
+    _quantize_rows_q8,
     quantize_x_q8,
     shl_i32x8,
     splat_f32x16,
@@ -268,7 +271,7 @@ U8 = np.uint64(8)
 @njit(cache=True, inline="always")
 def _matmul_rows(kind, vnni, raw, qxb, dx8, dxsxb, ys):
     """ys (n_tokens, n_rows); qxb int8 (n_blocks * padded * 32,), dx8 f32 (n_blocks * padded
-    * 8,): each dx 8 times, dxsxb f32 (n_blocks * padded,): _offset_scales."""
+    * 8,): each dx 8 times, dxsxb f32 (n_blocks * padded,): BlockMajorQ8's offset factor for the type."""
     bb, n_rows = np.uint64(_BB[kind]), raw.shape[0]
     n_blocks = np.uint64(raw.shape[1]) // bb
     padded = np.uint64(dxsxb.shape[0]) // n_blocks
@@ -394,26 +397,71 @@ def _check_x(qtype: T, x: np.ndarray, n_cols: int, ndim: int) -> np.ndarray:
     return x
 
 
-def _offset_scales(kind: int, dx, sx, dsx):
-    """What a block's offset term multiplies: Q8_1's f16 s for types with a min (as
-    ggml_vec_dot_q4_1_q8_1), else dx * sx (the -k * sum(qx) part of the signed int dot)."""
-    return dsx if HAS_MIN[kind] else dx * sx.astype(np.float32)
+class BlockMajorQ8(NamedTuple):
+    """Tokens' int8 activations laid out for the matmul kernels, block-major and zero-padded
+    to TOKEN_LANES tokens (zero tokens add nothing); one preparation serves every legacy type,
+    so matrices that multiply the same input (q/k/v, gate/up) share it."""
+
+    qxb: np.ndarray  # int8 (n_blocks * padded * 32,)
+    dx8: np.ndarray  # f32 (n_blocks * padded * 8,): each dx 8 times
+    dxsxb: np.ndarray  # f32 (n_blocks * padded,): dx * sx, the offset factor without a min
+    dsxb: np.ndarray  # f32 (n_blocks * padded,): Q8_1's s, the offset factor with a min
+    n_tokens: int
+    n_cols: int
 
 
-def _block_major_activations(kind: int, xs: np.ndarray):
-    """int8 activations, block-major and zero-padded to TOKEN_LANES tokens (zero tokens add
-    nothing): qxb (n_blocks * padded * 32,), dx8 (n_blocks * padded * 8,): each dx 8 times,
-    dxsxb (n_blocks * padded,): dx * sx."""
-    n_tokens = xs.shape[0]
+@njit(cache=True)
+def _block_major_q8(xs, padded, qxb, dx8, dxsxb, dsxb):
+    n_tokens, n = xs.shape
+    n_blocks = n // QK
+    qx = np.empty((n_tokens, n), np.int8)
+    dx = np.empty((n_tokens, n_blocks), np.float32)
+    sx = np.empty((n_tokens, n_blocks), np.int32)
+    dsx = np.empty((n_tokens, n_blocks), np.float32)
+    _quantize_rows_q8(xs, qx, dx, sx, dsx)
+    for b in range(n_blocks):
+        for t in range(padded):
+            i = b * padded + t
+            real = t < n_tokens
+            d = dx[t, b] if real else np.float32(0)
+            for j in range(QK):
+                qxb[i * QK + j] = qx[t, b * QK + j] if real else 0
+            for lane in range(8):
+                dx8[i * 8 + lane] = d
+            dxsxb[i] = d * np.float32(sx[t, b]) if real else np.float32(0)
+            dsxb[i] = dsx[t, b] if real else np.float32(0)
+
+
+def prepare_activations(xs: np.ndarray) -> BlockMajorQ8:
+    """xs float32 (n_tokens, n_cols) -> the int8 activations every legacy matmul reads."""
+    xs = np.ascontiguousarray(xs, dtype=np.float32)
+    if xs.ndim != 2 or xs.shape[1] % QK or xs.shape[0] == 0:
+        raise LegacyKernelInputError(
+            f"activations must be (n_tokens > 0, n_cols multiple of {QK}), got {xs.shape}")
+    n_tokens, n_cols = xs.shape
     padded = -(-n_tokens // TOKEN_LANES) * TOKEN_LANES
-    xs_pad = np.zeros((padded, xs.shape[1]), np.float32)  # (padded, n_cols)
-    xs_pad[:n_tokens] = xs
-    qx, dx, sx, dsx = quantize_x_q8(xs_pad)
-    n_blocks = dx.shape[1]
-    qxb = np.ascontiguousarray(qx.reshape(padded, n_blocks, QK).transpose(1, 0, 2))
-    dx8 = np.repeat(dx.T.reshape(-1), 8)  # (n_blocks * padded * 8,)
-    dxsxb = np.ascontiguousarray(_offset_scales(kind, dx, sx, dsx).T)  # (n_blocks, padded)
-    return qxb.reshape(-1), dx8, dxsxb.reshape(-1)
+    n_slots = n_cols // QK * padded
+    act = BlockMajorQ8(np.empty(n_slots * QK, np.int8), np.empty(n_slots * 8, np.float32),
+                       np.empty(n_slots, np.float32), np.empty(n_slots, np.float32),
+                       n_tokens, n_cols)
+    _block_major_q8(xs, padded, act.qxb, act.dx8, act.dxsxb, act.dsxb)
+    return act
+
+
+def matmul_prepared(qtype, raw: np.ndarray, act: BlockMajorQ8) -> np.ndarray:
+    """ys (n_tokens, n_rows) = xs @ W.T for activations from prepare_activations; the same
+    floats as KERNELS[qtype].matmul(raw, xs) for n_tokens > 1."""
+    qtype = T(qtype)
+    if _check_raw(qtype, raw) != act.n_cols:
+        raise LegacyKernelInputError(
+            f"{qtype.name}: activations have {act.n_cols} columns, the matrix {raw.shape}")
+    ys = np.empty((act.n_tokens, raw.shape[0]), np.float32)  # (n_tokens, n_rows)
+    offsets = act.dsxb if HAS_MIN[int(qtype)] else act.dxsxb
+    _MATMUL[int(qtype)](raw, act.qxb, act.dx8, offsets, ys)
+    return ys
+
+
+_MATMUL: dict = {}
 
 
 def make_kernels(qtype: T, vnni: bool) -> QuantKernels:
@@ -422,6 +470,8 @@ def make_kernels(qtype: T, vnni: bool) -> QuantKernels:
     if vnni and not has_vnni():
         raise LegacyKernelInputError(f"{qtype.name}: this CPU has no VNNI; use vnni=False")
     dequant_nb, matvec_nb, matmul_nb = _compile(kind, vnni)
+    if vnni == has_vnni():
+        _MATMUL[kind] = matmul_nb
 
     def dequantize(raw):
         n_cols = _check_raw(qtype, raw)
@@ -442,7 +492,8 @@ def make_kernels(qtype: T, vnni: bool) -> QuantKernels:
         if xs.shape[0] == 1:  # padding one token to TOKEN_LANES would cost 8x
             ys[0] = matvec(raw, xs[0])
         elif xs.shape[0]:
-            matmul_nb(raw, *_block_major_activations(kind, xs), ys)
+            act = prepare_activations(xs)
+            matmul_nb(raw, act.qxb, act.dx8, act.dsxb if HAS_MIN[kind] else act.dxsxb, ys)
         return ys
 
     return QuantKernels(

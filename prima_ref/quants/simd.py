@@ -10,6 +10,7 @@ Stable API (other quant families build on it):
 - ``q8_k_iscale(x, lo, n)``, ``q8_k_quant(iscale, v)``: njit-callable quantize_row_q8_K_ref.
 - ``q8_0_values(x)``, ``q8_k_values(x, 256)``: x as d * q of those activations, for float
   kernels that must see llama.cpp's activation values. ``round_f16(v)``: njit f32 -> f16 -> f32.
+- ``f16_bits(v) -> uint16``: njit; the bits of v rounded to f16 (numpy's astype(float16)).
 - ``load_f16(raw, off) -> float32``: njit-callable; the f16 at byte ``off`` of a uint8 array.
 - 256-bit vector values for njit kernels, written like C intrinsics (one x86 instruction or a
   few each). A kernel holds them in locals; LLVM keeps them in ymm registers:
@@ -135,6 +136,23 @@ def _round_f16_portable(x):
 
 
 round_f16 = _round_f16_f16c if has_f16c() else _round_f16_portable
+
+
+@njit(cache=True, inline="always")
+def f16_bits(x):
+    """x float32 -> the bits of x rounded to f16 (numpy's astype(float16).view(uint16))."""
+    r = round_f16(x)
+    bits = f32_bits(r)
+    sign = (bits >> np.uint32(16)) & np.uint32(0x8000)
+    mag = bits & np.uint32(0x7FFFFFFF)
+    if mag > np.uint32(0x7F800000):
+        return np.uint16(sign | np.uint32(0x7E00))
+    if mag >= np.uint32(0x47800000):  # >= 65536 after rounding: inf
+        return np.uint16(sign | np.uint32(0x7C00))
+    if mag < np.uint32(0x38800000):  # f16 subnormal or zero: exact multiple of 2**-24
+        return np.uint16(sign | np.uint32(abs(r) * np.float32(2.0**24)))
+    exp = (mag >> np.uint32(23)) - np.uint32(112)
+    return np.uint16(sign | (exp << np.uint32(10)) | ((mag >> np.uint32(13)) & np.uint32(0x3FF)))
 
 
 @njit(cache=True)
