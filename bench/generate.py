@@ -174,24 +174,27 @@ def start_times(path: Path, threads: int) -> tuple[float | None, float | None]:
 PROFILE_GROUPS = [
     ("fused q/k/v, W_o, W_down (matvec_group)", "matvec_group"),
     ("fused gate/up + activation (ffn_gate_up)", "ffn_gate_up"),
-    ("other quantized matvecs (output head; K-quant W_o/W_down)", ("matvec", "_products_vnni", "_quantize_x_q8k", "quantize_x_q8", "_quantize_rows_q8")),
+    ("other quantized matvecs (output head; K-quant W_o/W_down)",
+     ("matvec", "_products_vnni", "_quantize_x_q8k", "quantize_x_q8", "_quantize_rows_q8")),
     ("attention", "attention"),
-    ("RMS norm, RoPE, activations (serial kernels)", ("rms_norm", "rope_inplace", "silu_mul", "gelu_mul")),
+    ("RMS norm, RoPE, activations (serial kernels)",
+     ("rms_norm", "rope_inplace", "silu_mul", "_gelu_mul")),
 ]
 
 
 def profile_decode(path: Path, threads: int, n_tok: int = 32) -> list[str]:
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
-        res = subprocess.run([sys.executable, "-c", PROFILE_RUN, str(path), str(threads), str(n_tok),
-                              out.name], capture_output=True, text=True)
+        cmd = [sys.executable, "-c", PROFILE_RUN, str(path), str(threads), str(n_tok), out.name]
+        res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode:
             print(res.stderr[-2000:], file=sys.stderr)
             return ["(profile failed)"]
         data = json.loads(Path(out.name).read_text())
     total_ms = data["wall_s"] * 1e3 / n_tok
-    lines = [f"cProfile over {n_tok} decode steps at {threads} threads: {total_ms:.2f} ms per token "
-             f"(wall, with the profiler's own cost), {sum(r['calls'] for r in data['rows']) / n_tok:.0f} "
-             "Python-level calls per token.", "",
+    calls = sum(r["calls"] for r in data["rows"]) / n_tok
+    lines = [f"cProfile over {n_tok} decode steps at {threads} threads: {total_ms:.2f} ms per "
+             f"token (wall, with the profiler's own cost), {calls:.0f} Python-level calls per "
+             "token.", "",
              "| where | ms per token | share | calls per token |", "|---|---|---|---|"]
     used = 0.0
     for label, names in PROFILE_GROUPS:

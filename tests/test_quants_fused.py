@@ -32,7 +32,8 @@ def normed(x, weight):
                                    (T.Q4_0, T.Q5_1, T.Q8_0)])
 def test_matvec_group_equals_the_matrices_one_by_one(types):
     n_cols, rng = 320, np.random.default_rng(1)
-    raws = tuple(quantized(t, n, n_cols, i) for i, (t, n) in enumerate(zip(types, (96, 33, 64), strict=True)))
+    shapes = zip(types, (96, 33, 64), strict=True)
+    raws = tuple(quantized(t, n, n_cols, i) for i, (t, n) in enumerate(shapes))
     kinds = np.array([int(t) for t in types], np.int64)
     x = rng.standard_normal(n_cols).astype(np.float32)
     norm_w = rng.standard_normal(n_cols).astype(np.float32)

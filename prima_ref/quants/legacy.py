@@ -35,6 +35,7 @@ from numba import njit, prange
 from prima_ref.quants import QuantKernels
 from prima_ref.quants.layouts import LAYOUTS, QK_LEGACY
 from prima_ref.quants.simd import (
+    _quantize_rows_q8,
     axpy_f32x8,
     dot_u8i8_i32x8,
     dot_u8i8_i32x16,
@@ -56,7 +57,6 @@ from prima_ref.quants.simd import (
     load_q8_as_u8x32,
     mul_f32x16,
     or_u8x32,
-    _quantize_rows_q8,
     quantize_x_q8,
     shl_i32x8,
     splat_f32x16,
@@ -190,7 +190,8 @@ def neg_lane_sums(qx, nls):
     """nls[l] = -(qx[4l] + ... + qx[4l+3]): int8 x (n,) -> int32 (n // 4,)."""
     for i in range(nls.shape[0]):
         o = 4 * i
-        nls[i] = -(np.int32(qx[o]) + np.int32(qx[o + 1]) + np.int32(qx[o + 2]) + np.int32(qx[o + 3]))
+        total = np.int32(qx[o]) + np.int32(qx[o + 1]) + np.int32(qx[o + 2]) + np.int32(qx[o + 3])
+        nls[i] = -total
 
 
 @njit(cache=True, inline="always")
@@ -271,7 +272,8 @@ U8 = np.uint64(8)
 @njit(cache=True, inline="always")
 def _matmul_rows(kind, vnni, raw, qxb, dx8, dxsxb, ys):
     """ys (n_tokens, n_rows); qxb int8 (n_blocks * padded * 32,), dx8 f32 (n_blocks * padded
-    * 8,): each dx 8 times, dxsxb f32 (n_blocks * padded,): BlockMajorQ8's offset factor for the type."""
+    * 8,): each dx 8 times, dxsxb f32 (n_blocks * padded,): BlockMajorQ8's offset factor for
+    the type."""
     bb, n_rows = np.uint64(_BB[kind]), raw.shape[0]
     n_blocks = np.uint64(raw.shape[1]) // bb
     padded = np.uint64(dxsxb.shape[0]) // n_blocks
