@@ -178,7 +178,7 @@ PROFILE_GROUPS = [
      ("matvec", "_products_vnni", "_quantize_x_q8k", "quantize_x_q8", "_quantize_rows_q8")),
     ("attention", "attention"),
     ("RMS norm, RoPE, activations (serial kernels)",
-     ("rms_norm", "rope_inplace", "silu_mul", "_gelu_mul")),
+     ("rms_norm", "rope_inplace", "_silu_mul_serial", "_silu_mul_parallel", "_gelu_mul")),
 ]
 
 

@@ -120,13 +120,29 @@ def attention_naive(q, k_cache, v_cache, positions, window, scale, softcap, dtyp
     return out
 
 
+@nb.njit(cache=True, inline="always")
+def _silu_row(gate, up, t):
+    for i in range(gate.shape[1]):
+        g = gate[t, i]
+        gate[t, i] = g / (np.float32(1.0) + np.exp(-g)) * up[t, i]
+
+
 @nb.njit(cache=True)
-def silu_mul(gate, up):
-    """gate <- silu(gate) * up, in place; (n_tokens, n_ff)."""
+def _silu_mul_serial(gate, up):
     for t in range(gate.shape[0]):
-        for i in range(gate.shape[1]):
-            g = gate[t, i]
-            gate[t, i] = g / (np.float32(1.0) + np.exp(-g)) * up[t, i]
+        _silu_row(gate, up, t)
+
+
+@nb.njit(cache=True, parallel=True)
+def _silu_mul_parallel(gate, up):
+    for t in nb.prange(gate.shape[0]):
+        _silu_row(gate, up, t)
+
+
+def silu_mul(gate, up):
+    """gate <- silu(gate) * up, in place; (n_tokens, n_ff). Several tokens (prefill) run in
+    parallel over tokens; one token (decode) stays serial."""
+    (_silu_mul_parallel if gate.shape[0] > 1 else _silu_mul_serial)(gate, up)
 
 
 def _gelu_f32(x):
@@ -154,15 +170,16 @@ def gelu_f16_table(g, table):
     return table[f16_bits(g)]
 
 
-@nb.njit(cache=True)
+@nb.njit(cache=True, parallel=True)
 def _gelu_mul(gate, up, table):
-    for t in range(gate.shape[0]):
+    for t in nb.prange(gate.shape[0]):
         for i in range(gate.shape[1]):
             gate[t, i] = gelu_f16_table(gate[t, i], table) * up[t, i]
 
 
 def gelu_mul(gate, up):
-    """gate <- gelu(gate) * up, in place, with ggml's f16 table and its +-10 clamps."""
+    """gate <- gelu(gate) * up, in place, with ggml's f16 table and its +-10 clamps (parallel
+    over tokens; decode uses the fused kernel instead)."""
     _gelu_mul(gate, up, GELU_TABLE_F32)
 
 

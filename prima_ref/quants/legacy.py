@@ -41,20 +41,25 @@ from prima_ref.quants.simd import (
     dot_u8i8_i32x16,
     dup_u8x64,
     f32x8_zero,
+    fma_f32x8,
     fma_i32x8,
     fma_i32x16_store,
     has_vnni,
     hsum_f32x8,
     i32x8_zero,
     i32x16_zero,
+    lane_f32x8,
     load_bits_u8x32,
     load_f16,
+    load_f16x8_strided,
+    load_f32x8,
     load_f32x16,
     load_i8x32,
     load_i8x64,
     load_i32x8,
     load_nibbles_u8x32,
     load_q8_as_u8x32,
+    mul_f32x8,
     mul_f32x16,
     or_u8x32,
     quantize_x_q8,
@@ -80,7 +85,7 @@ HAS_QH = {Q8_0: False, Q4_0: False, Q4_1: False, Q5_0: True, Q5_1: True}
 # byte offset of qs / qh inside a block
 QS_OFF = {k: F16_BYTES * (1 + HAS_MIN[k]) + QH_BYTES * HAS_QH[k] for k in BLOCK_BYTES}
 QH_OFF = {k: F16_BYTES * (1 + HAS_MIN[k]) for k in BLOCK_BYTES}
-U0, U1, U2 = np.uint64(0), np.uint64(1), np.uint64(2)
+U0, U1, U2, U3, U4, U5, U6, U7 = (np.uint64(i) for i in range(8))
 K_OFFSET = {Q8_0: 128, Q4_0: 8, Q4_1: 0, Q5_0: 16, Q5_1: 0}  # u_j - k is the signed quant
 K_SHIFT = {k: int(v).bit_length() - 1 if v else 0 for k, v in K_OFFSET.items()}  # k = 1 << shift
 
@@ -201,23 +206,39 @@ def _block_dot_min_vnni(kind, row, o, qx, b, dx, acc):
 
 
 @njit(cache=True, inline="always")
+def _dot_scaled(kind, row, o, qx, b, scale, acc):
+    dot = dot_u8i8_i32x8(i32x8_zero(), _block_vnni(kind, row, o), load_i8x32(qx, b * UQK))
+    return fma_i32x8(acc, dot, scale)
+
+
+@njit(cache=True, inline="always")
 def _row_dot_min_vnni(kind, row, qx, dx, dsx):
-    """Q4_1 / Q5_1: each block adds m * dsx_b (Q8_1's s) to the integer part."""
+    """Q4_1 / Q5_1: each block adds m * dsx_b (Q8_1's s) to the integer part. Eight blocks'
+    d and m are loaded and converted at once (two vcvtph2ps), their scales d * dx and min
+    terms m * s computed 8 wide; each block's dot then takes its lane of the scales."""
     bb, n_blocks = np.uint64(_BB[kind]), np.uint64(dx.shape[0])
     field = np.uint64(F16_BYTES)  # m
     acc0, acc1 = f32x8_zero(), f32x8_zero()  # two chains each hide the FMA latency
-    off0, off1 = np.float32(0), np.float32(0)
-    for b in range(U0, n_blocks - U1, U2):
+    offs = f32x8_zero()
+    n_wide = n_blocks & ~np.uint64(7)
+    for b in range(U0, n_wide, U8):
+        o = b * bb
+        scales = mul_f32x8(load_f16x8_strided(row, o, bb), load_f32x8(dx, b))
+        offs = fma_f32x8(load_f16x8_strided(row, o + field, bb), load_f32x8(dsx, b), offs)
+        acc0 = _dot_scaled(kind, row, o, qx, b, lane_f32x8(scales, 0), acc0)
+        acc1 = _dot_scaled(kind, row, o + bb, qx, b + U1, lane_f32x8(scales, 1), acc1)
+        acc0 = _dot_scaled(kind, row, o + 2 * bb, qx, b + U2, lane_f32x8(scales, 2), acc0)
+        acc1 = _dot_scaled(kind, row, o + 3 * bb, qx, b + U3, lane_f32x8(scales, 3), acc1)
+        acc0 = _dot_scaled(kind, row, o + 4 * bb, qx, b + U4, lane_f32x8(scales, 4), acc0)
+        acc1 = _dot_scaled(kind, row, o + 5 * bb, qx, b + U5, lane_f32x8(scales, 5), acc1)
+        acc0 = _dot_scaled(kind, row, o + 6 * bb, qx, b + U6, lane_f32x8(scales, 6), acc0)
+        acc1 = _dot_scaled(kind, row, o + 7 * bb, qx, b + U7, lane_f32x8(scales, 7), acc1)
+    off = np.float32(0)
+    for b in range(n_wide, n_blocks):
         o = b * bb
         acc0 = _block_dot_min_vnni(kind, row, o, qx, b, dx, acc0)
-        acc1 = _block_dot_min_vnni(kind, row, o + bb, qx, b + U1, dx, acc1)
-        off0 += load_f16(row, o + field) * dsx[b]
-        off1 += load_f16(row, o + bb + field) * dsx[b + U1]
-    if n_blocks & U1:
-        b = n_blocks - U1
-        acc0 = _block_dot_min_vnni(kind, row, b * bb, qx, b, dx, acc0)
-        off0 += load_f16(row, b * bb + field) * dsx[b]
-    return hsum_f32x8(acc0) + hsum_f32x8(acc1) + (off0 + off1)
+        off += load_f16(row, o + field) * dsx[b]
+    return hsum_f32x8(acc0) + hsum_f32x8(acc1) + (hsum_f32x8(offs) + off)
 
 
 @njit(cache=True, inline="always")
@@ -229,14 +250,28 @@ def _row_dot_vnni(kind, row, qx, dx, dsx, nls):
     # uint64 indices: Numba adds negative-index wraparound code to every signed array index
     bb, n_blocks = np.uint64(_BB[kind]), np.uint64(dx.shape[0])
     acc0, acc1 = f32x8_zero(), f32x8_zero()  # two chains each hide the FMA latency
-    for b in range(U0, n_blocks - U1, U2):
+    n_wide = n_blocks & ~np.uint64(7)
+    for b in range(U0, n_wide, U8):  # 8 blocks' scales d * dx at once, as the min types
         o = b * bb
-        acc0 = _block_dot_vnni(kind, row, o, qx, b, dx, acc0, nls)
-        acc1 = _block_dot_vnni(kind, row, o + bb, qx, b + U1, dx, acc1, nls)
-    if n_blocks & U1:
-        b = n_blocks - U1
+        scales = mul_f32x8(load_f16x8_strided(row, o, bb), load_f32x8(dx, b))
+        acc0 = _dot_init(kind, row, o, qx, b, lane_f32x8(scales, 0), acc0, nls)
+        acc1 = _dot_init(kind, row, o + bb, qx, b + U1, lane_f32x8(scales, 1), acc1, nls)
+        acc0 = _dot_init(kind, row, o + 2 * bb, qx, b + U2, lane_f32x8(scales, 2), acc0, nls)
+        acc1 = _dot_init(kind, row, o + 3 * bb, qx, b + U3, lane_f32x8(scales, 3), acc1, nls)
+        acc0 = _dot_init(kind, row, o + 4 * bb, qx, b + U4, lane_f32x8(scales, 4), acc0, nls)
+        acc1 = _dot_init(kind, row, o + 5 * bb, qx, b + U5, lane_f32x8(scales, 5), acc1, nls)
+        acc0 = _dot_init(kind, row, o + 6 * bb, qx, b + U6, lane_f32x8(scales, 6), acc0, nls)
+        acc1 = _dot_init(kind, row, o + 7 * bb, qx, b + U7, lane_f32x8(scales, 7), acc1, nls)
+    for b in range(n_wide, n_blocks):
         acc0 = _block_dot_vnni(kind, row, b * bb, qx, b, dx, acc0, nls)
     return hsum_f32x8(acc0) + hsum_f32x8(acc1)
+
+
+@njit(cache=True, inline="always")
+def _dot_init(kind, row, o, qx, b, scale, acc, nls):
+    init = shl_i32x8(load_i32x8(nls, b * U8), _SH[kind])
+    dot = dot_u8i8_i32x8(init, _block_vnni(kind, row, o), load_i8x32(qx, b * UQK))
+    return fma_i32x8(acc, dot, scale)
 
 
 @njit(cache=True, inline="always")
@@ -412,7 +447,7 @@ class BlockMajorQ8(NamedTuple):
     n_cols: int
 
 
-@njit(cache=True)
+@njit(cache=True, parallel=True)
 def _block_major_q8(xs, padded, qxb, dx8, dxsxb, dsxb):
     n_tokens, n = xs.shape
     n_blocks = n // QK
@@ -420,8 +455,10 @@ def _block_major_q8(xs, padded, qxb, dx8, dxsxb, dsxb):
     dx = np.empty((n_tokens, n_blocks), np.float32)
     sx = np.empty((n_tokens, n_blocks), np.int32)
     dsx = np.empty((n_tokens, n_blocks), np.float32)
-    _quantize_rows_q8(xs, qx, dx, sx, dsx)
-    for b in range(n_blocks):
+    for t in prange(n_tokens):
+        lo, hi = t, t + 1
+        _quantize_rows_q8(xs[lo:hi], qx[lo:hi], dx[lo:hi], sx[lo:hi], dsx[lo:hi])
+    for b in prange(n_blocks):
         for t in range(padded):
             i = b * padded + t
             real = t < n_tokens

@@ -641,3 +641,61 @@ def fma_i32x16_store(typingctx, out, i, v, s):
         return context.get_dummy_value()
 
     return types.none(out, i, v, s), codegen
+
+
+# --- eight blocks' scales at once ----------------------------------------------------------------
+
+
+@intrinsic
+def load_f16x8_strided(typingctx, raw, off, stride):
+    """The 8 f16 at byte off + i * stride (i < 8) of a byte array, as F32x8: one block field
+    of 8 consecutive blocks, gathered by inserts and converted by one vcvtph2ps."""
+    if not (_is_byte_array(raw) and isinstance(off, types.Integer)
+            and isinstance(stride, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        base = _ptr(context, builder, sig, args)
+        step = context.cast(builder, args[2], sig.args[2], types.int64)
+        v = ir.Constant(ir.VectorType(ir.IntType(16), 8), None)
+        for i in range(8):
+            ptr = builder.gep(base, [builder.mul(step, ir.Constant(ir.IntType(64), i))])
+            v = builder.insert_element(v, _load(builder, ptr, ir.IntType(16)),
+                                       ir.Constant(ir.IntType(32), i))
+        halves = builder.bitcast(v, ir.VectorType(ir.HalfType(), 8))
+        return builder.fpext(halves, _V8F32)
+
+    return F32x8(raw, off, stride), codegen
+
+
+@intrinsic
+def load_f32x8(typingctx, a, i):
+    """a[i:i+8] of a float32 1-D array."""
+    if not (_is_f32_1d(a) and isinstance(i, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return _ld(builder, _f32_ptr(context, builder, sig, args, 0, 1, _V8F32))
+
+    return F32x8(a, i), codegen
+
+
+@intrinsic
+def fma_f32x8(typingctx, a, b, c):
+    """a * b + c, lane by lane."""
+    if (a, b, c) != (F32x8, F32x8, F32x8):
+        return None
+    return F32x8(a, b, c), lambda context, builder, sig, args: builder.call(_fma(builder), args)
+
+
+@intrinsic
+def lane_f32x8(typingctx, v, i):
+    """Lane i (a literal) of v in every lane."""
+    if v != F32x8 or not isinstance(i, types.IntegerLiteral):
+        return None
+    lane = i.literal_value
+
+    def codegen(context, builder, sig, args):
+        return builder.shuffle_vector(args[0], args[0], _mask([lane] * 8))
+
+    return F32x8(v, i), codegen
