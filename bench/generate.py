@@ -126,8 +126,15 @@ def run_once(code: str, path: Path, threads: int, python: str = sys.executable) 
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode:
             print(res.stderr[-2000:], file=sys.stderr)
+            how = (f"killed by signal {-res.returncode}" if res.returncode < 0
+                   else f"exit status {res.returncode}")
+            engine = "llama.cpp" if "llama_cpp" in code else "prima-ref"
+            FAILURES.append(f"{engine} on {Path(path).name} ({python}): {how}")
             return None
         return json.loads(Path(out.name).read_text())
+
+
+FAILURES: list[str] = []  # runs that did not finish, named in the report
 
 
 def median_of(code, path, threads, repeats, python=sys.executable) -> dict | None:
@@ -239,6 +246,9 @@ def main(argv=None) -> int:
             ratio_p = f"{ours['prompt_tps'] / ref['prompt_tps']:.2f}x" if engine == "prima-ref" and ref else ""
             lines.append(f"| {name} | {engine} | {r['prompt_tps']:.1f} | {r['eval_tps']:.1f} | "
                          f"{r['ttft_ms']:.1f} | {r['peak_rss_mib']:.0f} | {ratio_d} | {ratio_p} |")
+    if FAILURES:
+        lines += ["", "Runs that failed (no figure above for them): "
+                  + "; ".join(sorted(set(FAILURES))) + "."]
     name, path = all_models[0]
     cold, warm = start_times(path, args.threads)
     fmt = lambda v: f"{v:.2f} s" if v is not None else "failed"  # noqa: E731
