@@ -11,6 +11,7 @@ import numba as nb
 import numpy as np
 
 from prima_ref.model.config import ROPE_NEOX
+from prima_ref.quants.simd import f16_bits
 
 ATTN_TILE = 64  # KV positions per online-softmax step
 
@@ -128,13 +129,29 @@ def attention_naive(q, k_cache, v_cache, positions, window, scale, softcap, dtyp
     return out
 
 
+@nb.njit(cache=True, inline="always")
+def _silu_row(gate, up, t):
+    for i in range(gate.shape[1]):
+        g = gate[t, i]
+        gate[t, i] = g / (np.float32(1.0) + np.exp(-g)) * up[t, i]
+
+
 @nb.njit(cache=True)
-def silu_mul(gate, up):
-    """gate <- silu(gate) * up, in place; (n_tokens, n_ff)."""
+def _silu_mul_serial(gate, up):
     for t in range(gate.shape[0]):
-        for i in range(gate.shape[1]):
-            g = gate[t, i]
-            gate[t, i] = g / (np.float32(1.0) + np.exp(-g)) * up[t, i]
+        _silu_row(gate, up, t)
+
+
+@nb.njit(cache=True, parallel=True)
+def _silu_mul_parallel(gate, up):
+    for t in nb.prange(gate.shape[0]):
+        _silu_row(gate, up, t)
+
+
+def silu_mul(gate, up):
+    """gate <- silu(gate) * up, in place; (n_tokens, n_ff). Several tokens (prefill) run in
+    parallel over tokens; one token (decode) stays serial."""
+    (_silu_mul_parallel if gate.shape[0] > 1 else _silu_mul_serial)(gate, up)
 
 
 def _gelu_f32(x):
@@ -149,8 +166,34 @@ def _gelu_f32(x):
 _GELU_TABLE_F16 = _gelu_f32(np.arange(1 << 16, dtype=np.uint16).view(np.float16)).astype(np.float16)
 
 
+GELU_TABLE_F32 = _GELU_TABLE_F16.astype(np.float32)  # indexed by the f16 bits of the input
+
+
+@nb.njit(cache=True, inline="always")
+def gelu_f16_table(g, table):
+    """ggml's CPU GELU: the table at g rounded to f16, 0 at or below -10, g at or above 10."""
+    if g <= np.float32(-10.0):
+        return np.float32(0.0)
+    if g >= np.float32(10.0):
+        return g
+    return table[f16_bits(g)]
+
+
+@nb.njit(cache=True, parallel=True)
+def _gelu_mul(gate, up, table):
+    for t in nb.prange(gate.shape[0]):
+        for i in range(gate.shape[1]):
+            gate[t, i] = gelu_f16_table(gate[t, i], table) * up[t, i]
+
+
 def gelu_mul(gate, up):
-    """gate <- gelu(gate) * up, in place, with ggml's f16 table and its +-10 clamps."""
+    """gate <- gelu(gate) * up, in place, with ggml's f16 table and its +-10 clamps (parallel
+    over tokens; decode uses the fused kernel instead)."""
+    _gelu_mul(gate, up, GELU_TABLE_F32)
+
+
+def gelu_mul_ref(gate, up):
+    """gelu_mul in numpy, the readable reference."""
     idx = gate.astype(np.float16).view(np.uint16)
     g = _GELU_TABLE_F16[idx].astype(np.float32)
     g = np.where(gate <= -10.0, np.float32(0.0), np.where(gate >= 10.0, gate, g))

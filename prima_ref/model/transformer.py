@@ -13,7 +13,10 @@ import numpy as np
 
 from prima_ref.model import ops
 from prima_ref.model.config import ModelConfig
-from prima_ref.quants import QuantKernels, kernels
+from prima_ref.quants import QuantKernels, fused, kernels, legacy
+
+_EMPTY_F32 = np.zeros(0, np.float32)  # "no norm" / "no residual" for the fused kernels
+_GELU_TABLE_F32 = ops.GELU_TABLE_F32
 
 
 @dataclass(frozen=True)
@@ -21,17 +24,26 @@ class Weight:
     name: str
     kern: QuantKernels
     rows: np.ndarray  # (n_out, row_bytes) uint8 view of the file
+    qtype: int = -1
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """x (n_tokens, n_in) -> (n_tokens, n_out)."""
         if x.shape[0] == 1:
             return self.kern.matvec(self.rows, x[0])[None, :]
-        if getattr(_PRODUCTS, "row_by_row", False):
+        if _rows_alone():
             return np.stack([self.kern.matvec(self.rows, row) for row in x])
         return self.kern.matmul(self.rows, x)
 
+    @property
+    def fusable(self) -> bool:
+        return self.qtype in fused.FUSABLE_KINDS
+
 
 _PRODUCTS = threading.local()  # per thread: a server may verify and prefill at once
+
+
+def _rows_alone() -> bool:
+    return getattr(_PRODUCTS, "row_by_row", False)
 
 
 @contextmanager
@@ -57,7 +69,44 @@ def _weight(model, name: str, shape: tuple[int, int] | None = None) -> Weight:
     if shape is not None and (info.n_rows, info.n_cols) != shape:
         raise MissingTensorError(f"{name} has shape {(info.n_rows, info.n_cols)}, the model's "
                                  f"hyper-parameters imply {shape}")
-    return Weight(name, kernels(info.qtype), model.tensor_rows(name))
+    return Weight(name, kernels(info.qtype), model.tensor_rows(name), int(info.qtype))
+
+
+def _products(weights: tuple[Weight, ...], h: np.ndarray) -> list[np.ndarray]:
+    """Each weight times h (n_tokens, n_in); legacy-quant matrices share one int8 activation
+    preparation in prefill (the same floats as preparing it per matrix)."""
+    if h.shape[0] > 1 and all(w.fusable for w in weights) and not _rows_alone():
+        act = legacy.prepare_activations(h)
+        return [legacy.matmul_prepared(w.qtype, w.rows, act) for w in weights]
+    return [w(h) for w in weights]
+
+
+def _readonly(rows: np.ndarray) -> np.ndarray:
+    """The same bytes as a read-only view: the fused kernels take tuples of matrices, which
+    Numba types as one array type only when their flags agree."""
+    view = rows.view()
+    view.flags.writeable = False
+    return view
+
+
+class DecodePlan:
+    """How one layer's decode step (one token) multiplies its matrices: q/k/v in one fused call
+    and one parallel region, gate/up and the activation in another, residual adds inside the
+    output products, where the types allow (legacy quants); the plain kernels elsewhere."""
+
+    def __init__(self, layer: "Layer", cfg: ModelConfig):
+        qkv = (layer.wq, layer.wk, layer.wv)
+        self.qkv = tuple(_readonly(w.rows) for w in qkv) if all(w.fusable for w in qkv) else None
+        self.qkv_kinds = np.array([w.qtype for w in qkv], np.int64)
+        self.qkv_split = tuple(int(v) for v in np.cumsum([w.rows.shape[0] for w in qkv])[:2])
+        self.wo = (_readonly(layer.wo.rows),) if layer.wo.fusable else None
+        self.wo_kinds = np.array([layer.wo.qtype], np.int64)
+        self.ffn = layer.w_gate.fusable and layer.w_up.fusable
+        self.gate_rows, self.up_rows = _readonly(layer.w_gate.rows), _readonly(layer.w_up.rows)
+        self.down = (_readonly(layer.w_down.rows),) if layer.w_down.fusable else None
+        self.down_kinds = np.array([layer.w_down.qtype], np.int64)
+        self.act = fused.ACT_GELU if cfg.ffn_act == "gelu" else fused.ACT_SILU
+        self.eps = np.float32(cfg.norm_eps)
 
 
 def _vector(model, name: str) -> np.ndarray:
@@ -95,6 +144,7 @@ class Layer:
         self.k_norm = _vector(model, p + "attn_k_norm.weight") if cfg.qk_norm else None
         self.post_attn_norm = _vector(model, p + "post_attention_norm.weight") if cfg.post_norms else None
         self.post_ffn_norm = _vector(model, p + "post_ffw_norm.weight") if cfg.post_norms else None
+        self.decode = DecodePlan(self, cfg)
 
 
 class KVCache:
@@ -222,11 +272,54 @@ class Transformer:
         ops.rms_norm(x, weight, np.float32(self.cfg.norm_eps), out)
         return out
 
+    def _qkv(self, w: Layer, x: np.ndarray):
+        plan = w.decode
+        if x.shape[0] == 1 and plan.qkv is not None:
+            y = np.empty(plan.qkv_split[1] + w.wv.rows.shape[0], np.float32)
+            fused.matvec_group(plan.qkv, plan.qkv_kinds, x[0], w.attn_norm, plan.eps, _EMPTY_F32, y)
+            y = y[None, :]
+            a, b = plan.qkv_split
+            return y[:, :a], y[:, a:b], y[:, b:]
+        return _products((w.wq, w.wk, w.wv), self._norm(x, w.attn_norm))
+
+    def _attn_out(self, w: Layer, x: np.ndarray, att: np.ndarray) -> np.ndarray:
+        """x + (post-normed) W_o att."""
+        plan = w.decode
+        if x.shape[0] == 1 and plan.wo is not None and not self.cfg.post_norms:
+            y = np.empty_like(x)
+            fused.matvec_group(plan.wo, plan.wo_kinds, att[0], _EMPTY_F32, plan.eps, x[0], y[0])
+            return y
+        out = w.wo(att)
+        if self.cfg.post_norms:
+            out = self._norm(out, w.post_attn_norm)
+        return x + out
+
+    def _ffn(self, w: Layer, x: np.ndarray) -> np.ndarray:
+        """x + (post-normed) W_down act(W_gate h) * (W_up h), h = ffn_norm(x)."""
+        plan = w.decode
+        if x.shape[0] == 1 and plan.ffn:
+            gate = np.empty((1, w.w_gate.rows.shape[0]), np.float32)
+            fused.ffn_gate_up(plan.gate_rows, w.w_gate.qtype, plan.up_rows, w.w_up.qtype, x[0], w.ffn_norm, plan.eps, plan.act,
+                              _GELU_TABLE_F32, gate[0])
+        else:
+            gate, up = _products((w.w_gate, w.w_up), self._norm(x, w.ffn_norm))
+            if self.cfg.ffn_act == "gelu":
+                ops.gelu_mul(gate, up)
+            else:
+                ops.silu_mul(gate, up)
+        if x.shape[0] == 1 and plan.down is not None and not self.cfg.post_norms:
+            y = np.empty_like(x)
+            fused.matvec_group(plan.down, plan.down_kinds, gate[0], _EMPTY_F32, plan.eps, x[0], y[0])
+            return y
+        out = w.w_down(gate)
+        if self.cfg.post_norms:
+            out = self._norm(out, w.post_ffn_norm)
+        return x + out
+
     def _layer(self, il: int, x: np.ndarray, positions: np.ndarray, slots=None) -> np.ndarray:
         cfg, w = self.cfg, self.layers[il]
         n_tok = x.shape[0]
-        h = self._norm(x, w.attn_norm)
-        q, k, v = w.wq(h), w.wk(h), w.wv(h)
+        q, k, v = self._qkv(w, x)
         if w.bq is not None:
             q += w.bq
             k += w.bk
@@ -247,20 +340,8 @@ class Transformer:
         ops.attention(q, cache.k, cache.v, positions, window, np.float32(cfg.attn_scale),
                       np.float32(cfg.attn_softcap), att,
                       None if slots is None else cache.rows(np.zeros_like(slots), slots))
-        out = w.wo(att.reshape(n_tok, -1))
-        if cfg.post_norms:
-            out = self._norm(out, w.post_attn_norm)
-        x = x + out
-        h = self._norm(x, w.ffn_norm)
-        gate, up = w.w_gate(h), w.w_up(h)
-        if cfg.ffn_act == "gelu":
-            ops.gelu_mul(gate, up)
-        else:
-            ops.silu_mul(gate, up)
-        out = w.w_down(gate)
-        if cfg.post_norms:
-            out = self._norm(out, w.post_ffn_norm)
-        return x + out
+        x = self._attn_out(w, x, att.reshape(n_tok, -1))
+        return self._ffn(w, x)
 
     # -- output --------------------------------------------------------------------------------
 

@@ -26,6 +26,8 @@ operation order per type, so it is bit-equal to ``gguf.quants.dequantize``.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 from gguf.constants import GGMLQuantizationType as T
 from numba import njit, prange
@@ -33,27 +35,35 @@ from numba import njit, prange
 from prima_ref.quants import QuantKernels
 from prima_ref.quants.layouts import LAYOUTS, QK_LEGACY
 from prima_ref.quants.simd import (
+    _quantize_rows_q8,
     axpy_f32x8,
     dot_u8i8_i32x8,
     dot_u8i8_i32x16,
     dup_u8x64,
     f32x8_zero,
+    fma_f32x8,
     fma_i32x8,
     fma_i32x16_store,
     has_vnni,
     hsum_f32x8,
     i32x8_zero,
     i32x16_zero,
+    lane_f32x8,
     load_bits_u8x32,
     load_f16,
+    load_f16x8_strided,
+    load_f32x8,
     load_f32x16,
     load_i8x32,
     load_i8x64,
+    load_i32x8,
     load_nibbles_u8x32,
     load_q8_as_u8x32,
+    mul_f32x8,
     mul_f32x16,
     or_u8x32,
     quantize_x_q8,
+    shl_i32x8,
     splat_f32x16,
 )
 
@@ -75,8 +85,9 @@ HAS_QH = {Q8_0: False, Q4_0: False, Q4_1: False, Q5_0: True, Q5_1: True}
 # byte offset of qs / qh inside a block
 QS_OFF = {k: F16_BYTES * (1 + HAS_MIN[k]) + QH_BYTES * HAS_QH[k] for k in BLOCK_BYTES}
 QH_OFF = {k: F16_BYTES * (1 + HAS_MIN[k]) for k in BLOCK_BYTES}
-U0, U1, U2 = np.uint64(0), np.uint64(1), np.uint64(2)
+U0, U1, U2, U3, U4, U5, U6, U7 = (np.uint64(i) for i in range(8))
 K_OFFSET = {Q8_0: 128, Q4_0: 8, Q4_1: 0, Q5_0: 16, Q5_1: 0}  # u_j - k is the signed quant
+K_SHIFT = {k: int(v).bit_length() - 1 if v else 0 for k, v in K_OFFSET.items()}  # k = 1 << shift
 
 
 
@@ -85,7 +96,8 @@ def _by_kind(table: dict) -> tuple:
     return tuple(table.get(k, 0) for k in range(max(table) + 1))
 
 
-_BB, _QS, _QH, _K, _MIN = map(_by_kind, (BLOCK_BYTES, QS_OFF, QH_OFF, K_OFFSET, HAS_MIN))
+_BB, _QS, _QH, _K, _MIN, _SH = map(_by_kind, (BLOCK_BYTES, QS_OFF, QH_OFF, K_OFFSET, HAS_MIN,
+                                               K_SHIFT))
 
 
 # --- numpy reference (gguf-py's operation order) ------------------------------------------------
@@ -169,49 +181,116 @@ def _block_vnni(kind, row, o):
 
 
 @njit(cache=True, inline="always")
-def _block_dot_vnni(kind, row, o, qx, b, dx, acc):
-    """acc + (d * dx_b) * (the block's 8 lane sums of u_j * qx_j)."""
+def _block_dot_vnni(kind, row, o, qx, b, dx, acc, nls):
+    """acc + (d * dx_b) * (the block's 8 lane sums of (u_j - k) * qx_j), for types without a
+    min: the -k * sum(qx) term enters as the dot's starting value, -k times the lane sums of
+    qx (nls, negated), so each lane holds llama.cpp's exact integer, as its AVX2 dot does."""
+    init = shl_i32x8(load_i32x8(nls, b * U8), _SH[kind])
+    dot = dot_u8i8_i32x8(init, _block_vnni(kind, row, o), load_i8x32(qx, b * UQK))
+    return fma_i32x8(acc, dot, load_f16(row, o) * dx[b])
+
+
+@njit(cache=True, inline="always")
+def neg_lane_sums(qx, nls):
+    """nls[l] = -(qx[4l] + ... + qx[4l+3]): int8 x (n,) -> int32 (n // 4,)."""
+    for i in range(nls.shape[0]):
+        o = 4 * i
+        total = np.int32(qx[o]) + np.int32(qx[o + 1]) + np.int32(qx[o + 2]) + np.int32(qx[o + 3])
+        nls[i] = -total
+
+
+@njit(cache=True, inline="always")
+def _block_dot_min_vnni(kind, row, o, qx, b, dx, acc):
     dot = dot_u8i8_i32x8(i32x8_zero(), _block_vnni(kind, row, o), load_i8x32(qx, b * UQK))
     return fma_i32x8(acc, dot, load_f16(row, o) * dx[b])
 
 
 @njit(cache=True, inline="always")
-def _row_dot_vnni(kind, row, qx, dx, dxsx):
-    """sum_j w_j x_j for one weight row; qx int8 (n,), dx and dxsx f32 (n // 32,): dxsx the
-    offset term's x factor (_offset_scales)."""
-    # uint64 indices: Numba adds negative-index wraparound code to every signed array index
-    bb, n_blocks = np.uint64(_BB[kind]), np.uint64(dx.shape[0])
-    field = np.uint64(F16_BYTES if _MIN[kind] else 0)  # offset term's scale: m, else d
-    acc0, acc1 = f32x8_zero(), f32x8_zero()  # two chains each hide the FMA latency
-    off0, off1 = np.float32(0), np.float32(0)
-    for b in range(U0, n_blocks - U1, U2):
-        o = b * bb
-        acc0 = _block_dot_vnni(kind, row, o, qx, b, dx, acc0)
-        acc1 = _block_dot_vnni(kind, row, o + bb, qx, b + U1, dx, acc1)
-        off0 += load_f16(row, o + field) * dxsx[b]
-        off1 += load_f16(row, o + bb + field) * dxsx[b + U1]
-    if n_blocks & U1:
-        b = n_blocks - U1
-        acc0 = _block_dot_vnni(kind, row, b * bb, qx, b, dx, acc0)
-        off0 += load_f16(row, b * bb + field) * dxsx[b]
-    scale_off = np.float32(1) if _MIN[kind] else np.float32(-_K[kind])
-    return hsum_f32x8(acc0) + hsum_f32x8(acc1) + scale_off * (off0 + off1)
+def _dot_scaled(kind, row, o, qx, b, scale, acc):
+    dot = dot_u8i8_i32x8(i32x8_zero(), _block_vnni(kind, row, o), load_i8x32(qx, b * UQK))
+    return fma_i32x8(acc, dot, scale)
 
 
 @njit(cache=True, inline="always")
-def _row_dot_portable(kind, row, qx, dx, dxsx):
+def _row_dot_min_vnni(kind, row, qx, dx, dsx):
+    """Q4_1 / Q5_1: each block adds m * dsx_b (Q8_1's s) to the integer part. Eight blocks'
+    d and m are loaded and converted at once (two vcvtph2ps), their scales d * dx and min
+    terms m * s computed 8 wide; each block's dot then takes its lane of the scales."""
+    bb, n_blocks = np.uint64(_BB[kind]), np.uint64(dx.shape[0])
+    field = np.uint64(F16_BYTES)  # m
+    acc0, acc1 = f32x8_zero(), f32x8_zero()  # two chains each hide the FMA latency
+    offs = f32x8_zero()
+    n_wide = n_blocks & ~np.uint64(7)
+    for b in range(U0, n_wide, U8):
+        o = b * bb
+        scales = mul_f32x8(load_f16x8_strided(row, o, bb), load_f32x8(dx, b))
+        offs = fma_f32x8(load_f16x8_strided(row, o + field, bb), load_f32x8(dsx, b), offs)
+        acc0 = _dot_scaled(kind, row, o, qx, b, lane_f32x8(scales, 0), acc0)
+        acc1 = _dot_scaled(kind, row, o + bb, qx, b + U1, lane_f32x8(scales, 1), acc1)
+        acc0 = _dot_scaled(kind, row, o + 2 * bb, qx, b + U2, lane_f32x8(scales, 2), acc0)
+        acc1 = _dot_scaled(kind, row, o + 3 * bb, qx, b + U3, lane_f32x8(scales, 3), acc1)
+        acc0 = _dot_scaled(kind, row, o + 4 * bb, qx, b + U4, lane_f32x8(scales, 4), acc0)
+        acc1 = _dot_scaled(kind, row, o + 5 * bb, qx, b + U5, lane_f32x8(scales, 5), acc1)
+        acc0 = _dot_scaled(kind, row, o + 6 * bb, qx, b + U6, lane_f32x8(scales, 6), acc0)
+        acc1 = _dot_scaled(kind, row, o + 7 * bb, qx, b + U7, lane_f32x8(scales, 7), acc1)
+    off = np.float32(0)
+    for b in range(n_wide, n_blocks):
+        o = b * bb
+        acc0 = _block_dot_min_vnni(kind, row, o, qx, b, dx, acc0)
+        off += load_f16(row, o + field) * dsx[b]
+    return hsum_f32x8(acc0) + hsum_f32x8(acc1) + (hsum_f32x8(offs) + off)
+
+
+@njit(cache=True, inline="always")
+def _row_dot_vnni(kind, row, qx, dx, dsx, nls):
+    """sum_j w_j x_j for one weight row; qx int8 (n,), dx f32 (n // 32,); types with a min
+    add m * dsx per block (Q8_1's s), the others start each block dot at nls << log2(k)."""
+    if _MIN[kind]:
+        return _row_dot_min_vnni(kind, row, qx, dx, dsx)
+    # uint64 indices: Numba adds negative-index wraparound code to every signed array index
+    bb, n_blocks = np.uint64(_BB[kind]), np.uint64(dx.shape[0])
+    acc0, acc1 = f32x8_zero(), f32x8_zero()  # two chains each hide the FMA latency
+    n_wide = n_blocks & ~np.uint64(7)
+    for b in range(U0, n_wide, U8):  # 8 blocks' scales d * dx at once, as the min types
+        o = b * bb
+        scales = mul_f32x8(load_f16x8_strided(row, o, bb), load_f32x8(dx, b))
+        acc0 = _dot_init(kind, row, o, qx, b, lane_f32x8(scales, 0), acc0, nls)
+        acc1 = _dot_init(kind, row, o + bb, qx, b + U1, lane_f32x8(scales, 1), acc1, nls)
+        acc0 = _dot_init(kind, row, o + 2 * bb, qx, b + U2, lane_f32x8(scales, 2), acc0, nls)
+        acc1 = _dot_init(kind, row, o + 3 * bb, qx, b + U3, lane_f32x8(scales, 3), acc1, nls)
+        acc0 = _dot_init(kind, row, o + 4 * bb, qx, b + U4, lane_f32x8(scales, 4), acc0, nls)
+        acc1 = _dot_init(kind, row, o + 5 * bb, qx, b + U5, lane_f32x8(scales, 5), acc1, nls)
+        acc0 = _dot_init(kind, row, o + 6 * bb, qx, b + U6, lane_f32x8(scales, 6), acc0, nls)
+        acc1 = _dot_init(kind, row, o + 7 * bb, qx, b + U7, lane_f32x8(scales, 7), acc1, nls)
+    for b in range(n_wide, n_blocks):
+        acc0 = _block_dot_vnni(kind, row, b * bb, qx, b, dx, acc0, nls)
+    return hsum_f32x8(acc0) + hsum_f32x8(acc1)
+
+
+@njit(cache=True, inline="always")
+def _dot_init(kind, row, o, qx, b, scale, acc, nls):
+    init = shl_i32x8(load_i32x8(nls, b * U8), _SH[kind])
+    dot = dot_u8i8_i32x8(init, _block_vnni(kind, row, o), load_i8x32(qx, b * UQK))
+    return fma_i32x8(acc, dot, scale)
+
+
+@njit(cache=True, inline="always")
+def _row_dot_portable(kind, row, qx, dx, dsx, nls):
     """_row_dot_vnni's arithmetic in plain Numba, for CPUs without VNNI."""
     bb = _BB[kind]
     acc, off = np.float32(0), np.float32(0)
-    field = F16_BYTES if _MIN[kind] else 0
     for b in range(dx.shape[0]):
         o = b * bb
         dot = np.int32(0)
         for j in range(QK):
             dot += _quant(kind, row, o, j) * np.int32(qx[b * QK + j])
+        if not _MIN[kind]:
+            for i in range(8):
+                dot += nls[b * 8 + i] << _SH[kind]
         acc += np.float32(dot) * (load_f16(row, o) * dx[b])
-        off += load_f16(row, o + field) * dxsx[b]
-    return acc + (np.float32(1) if _MIN[kind] else np.float32(-_K[kind])) * off
+        if _MIN[kind]:
+            off += load_f16(row, o + F16_BYTES) * dsx[b]
+    return acc + off
 
 
 # --- matmul: each weight block decoded once, reused over all tokens ------------------------------
@@ -228,7 +307,8 @@ U8 = np.uint64(8)
 @njit(cache=True, inline="always")
 def _matmul_rows(kind, vnni, raw, qxb, dx8, dxsxb, ys):
     """ys (n_tokens, n_rows); qxb int8 (n_blocks * padded * 32,), dx8 f32 (n_blocks * padded
-    * 8,): each dx 8 times, dxsxb f32 (n_blocks * padded,): _offset_scales."""
+    * 8,): each dx 8 times, dxsxb f32 (n_blocks * padded,): BlockMajorQ8's offset factor for
+    the type."""
     bb, n_rows = np.uint64(_BB[kind]), raw.shape[0]
     n_blocks = np.uint64(raw.shape[1]) // bb
     padded = np.uint64(dxsxb.shape[0]) // n_blocks
@@ -305,9 +385,11 @@ def _compile(kind: int, vnni: bool):
     if vnni:
 
         @njit(cache=True, parallel=True)
-        def matvec(raw, qx, dx, dxsx, y):
+        def matvec(raw, qx, dx, dsx, y):
+            nls = np.empty(qx.shape[0] // 4, np.int32)
+            neg_lane_sums(qx, nls)
             for r in prange(raw.shape[0]):
-                y[r] = _row_dot_vnni(kind, raw[r], qx, dx, dxsx)
+                y[r] = _row_dot_vnni(kind, raw[r], qx, dx, dsx, nls)
 
         @njit(cache=True, parallel=True)
         def matmul(raw, qxb, dx8, dxsxb, ys):
@@ -316,9 +398,11 @@ def _compile(kind: int, vnni: bool):
     else:
 
         @njit(cache=True, parallel=True)
-        def matvec(raw, qx, dx, dxsx, y):
+        def matvec(raw, qx, dx, dsx, y):
+            nls = np.empty(qx.shape[0] // 4, np.int32)
+            neg_lane_sums(qx, nls)
             for r in prange(raw.shape[0]):
-                y[r] = _row_dot_portable(kind, raw[r], qx, dx, dxsx)
+                y[r] = _row_dot_portable(kind, raw[r], qx, dx, dsx, nls)
 
         @njit(cache=True, parallel=True)
         def matmul(raw, qxb, dx8, dxsxb, ys):
@@ -350,26 +434,73 @@ def _check_x(qtype: T, x: np.ndarray, n_cols: int, ndim: int) -> np.ndarray:
     return x
 
 
-def _offset_scales(kind: int, dx, sx, dsx):
-    """What a block's offset term multiplies: Q8_1's f16 s for types with a min (as
-    ggml_vec_dot_q4_1_q8_1), else dx * sx (the -k * sum(qx) part of the signed int dot)."""
-    return dsx if HAS_MIN[kind] else dx * sx.astype(np.float32)
+class BlockMajorQ8(NamedTuple):
+    """Tokens' int8 activations laid out for the matmul kernels, block-major and zero-padded
+    to TOKEN_LANES tokens (zero tokens add nothing); one preparation serves every legacy type,
+    so matrices that multiply the same input (q/k/v, gate/up) share it."""
+
+    qxb: np.ndarray  # int8 (n_blocks * padded * 32,)
+    dx8: np.ndarray  # f32 (n_blocks * padded * 8,): each dx 8 times
+    dxsxb: np.ndarray  # f32 (n_blocks * padded,): dx * sx, the offset factor without a min
+    dsxb: np.ndarray  # f32 (n_blocks * padded,): Q8_1's s, the offset factor with a min
+    n_tokens: int
+    n_cols: int
 
 
-def _block_major_activations(kind: int, xs: np.ndarray):
-    """int8 activations, block-major and zero-padded to TOKEN_LANES tokens (zero tokens add
-    nothing): qxb (n_blocks * padded * 32,), dx8 (n_blocks * padded * 8,): each dx 8 times,
-    dxsxb (n_blocks * padded,): dx * sx."""
-    n_tokens = xs.shape[0]
+@njit(cache=True, parallel=True)
+def _block_major_q8(xs, padded, qxb, dx8, dxsxb, dsxb):
+    n_tokens, n = xs.shape
+    n_blocks = n // QK
+    qx = np.empty((n_tokens, n), np.int8)
+    dx = np.empty((n_tokens, n_blocks), np.float32)
+    sx = np.empty((n_tokens, n_blocks), np.int32)
+    dsx = np.empty((n_tokens, n_blocks), np.float32)
+    for t in prange(n_tokens):
+        lo, hi = t, t + 1
+        _quantize_rows_q8(xs[lo:hi], qx[lo:hi], dx[lo:hi], sx[lo:hi], dsx[lo:hi])
+    for b in prange(n_blocks):
+        for t in range(padded):
+            i = b * padded + t
+            real = t < n_tokens
+            d = dx[t, b] if real else np.float32(0)
+            for j in range(QK):
+                qxb[i * QK + j] = qx[t, b * QK + j] if real else 0
+            for lane in range(8):
+                dx8[i * 8 + lane] = d
+            dxsxb[i] = d * np.float32(sx[t, b]) if real else np.float32(0)
+            dsxb[i] = dsx[t, b] if real else np.float32(0)
+
+
+def prepare_activations(xs: np.ndarray) -> BlockMajorQ8:
+    """xs float32 (n_tokens, n_cols) -> the int8 activations every legacy matmul reads."""
+    xs = np.ascontiguousarray(xs, dtype=np.float32)
+    if xs.ndim != 2 or xs.shape[1] % QK or xs.shape[0] == 0:
+        raise LegacyKernelInputError(
+            f"activations must be (n_tokens > 0, n_cols multiple of {QK}), got {xs.shape}")
+    n_tokens, n_cols = xs.shape
     padded = -(-n_tokens // TOKEN_LANES) * TOKEN_LANES
-    xs_pad = np.zeros((padded, xs.shape[1]), np.float32)  # (padded, n_cols)
-    xs_pad[:n_tokens] = xs
-    qx, dx, sx, dsx = quantize_x_q8(xs_pad)
-    n_blocks = dx.shape[1]
-    qxb = np.ascontiguousarray(qx.reshape(padded, n_blocks, QK).transpose(1, 0, 2))
-    dx8 = np.repeat(dx.T.reshape(-1), 8)  # (n_blocks * padded * 8,)
-    dxsxb = np.ascontiguousarray(_offset_scales(kind, dx, sx, dsx).T)  # (n_blocks, padded)
-    return qxb.reshape(-1), dx8, dxsxb.reshape(-1)
+    n_slots = n_cols // QK * padded
+    act = BlockMajorQ8(np.empty(n_slots * QK, np.int8), np.empty(n_slots * 8, np.float32),
+                       np.empty(n_slots, np.float32), np.empty(n_slots, np.float32),
+                       n_tokens, n_cols)
+    _block_major_q8(xs, padded, act.qxb, act.dx8, act.dxsxb, act.dsxb)
+    return act
+
+
+def matmul_prepared(qtype, raw: np.ndarray, act: BlockMajorQ8) -> np.ndarray:
+    """ys (n_tokens, n_rows) = xs @ W.T for activations from prepare_activations; the same
+    floats as KERNELS[qtype].matmul(raw, xs) for n_tokens > 1."""
+    qtype = T(qtype)
+    if _check_raw(qtype, raw) != act.n_cols:
+        raise LegacyKernelInputError(
+            f"{qtype.name}: activations have {act.n_cols} columns, the matrix {raw.shape}")
+    ys = np.empty((act.n_tokens, raw.shape[0]), np.float32)  # (n_tokens, n_rows)
+    offsets = act.dsxb if HAS_MIN[int(qtype)] else act.dxsxb
+    _MATMUL[int(qtype)](raw, act.qxb, act.dx8, offsets, ys)
+    return ys
+
+
+_MATMUL: dict = {}
 
 
 def make_kernels(qtype: T, vnni: bool) -> QuantKernels:
@@ -378,6 +509,8 @@ def make_kernels(qtype: T, vnni: bool) -> QuantKernels:
     if vnni and not has_vnni():
         raise LegacyKernelInputError(f"{qtype.name}: this CPU has no VNNI; use vnni=False")
     dequant_nb, matvec_nb, matmul_nb = _compile(kind, vnni)
+    if vnni == has_vnni():
+        _MATMUL[kind] = matmul_nb
 
     def dequantize(raw):
         n_cols = _check_raw(qtype, raw)
@@ -389,7 +522,7 @@ def make_kernels(qtype: T, vnni: bool) -> QuantKernels:
         x = _check_x(qtype, x, _check_raw(qtype, raw), 1)
         qx, dx, sx, dsx = quantize_x_q8(x)
         y = np.empty(raw.shape[0], np.float32)  # (n_rows,)
-        matvec_nb(raw, qx, dx, _offset_scales(kind, dx, sx, dsx), y)
+        matvec_nb(raw, qx, dx, dsx, y)
         return y
 
     def matmul(raw, xs):
@@ -398,7 +531,8 @@ def make_kernels(qtype: T, vnni: bool) -> QuantKernels:
         if xs.shape[0] == 1:  # padding one token to TOKEN_LANES would cost 8x
             ys[0] = matvec(raw, xs[0])
         elif xs.shape[0]:
-            matmul_nb(raw, *_block_major_activations(kind, xs), ys)
+            act = prepare_activations(xs)
+            matmul_nb(raw, act.qxb, act.dx8, act.dsxb if HAS_MIN[kind] else act.dxsxb, ys)
         return ys
 
     return QuantKernels(

@@ -10,6 +10,7 @@ Stable API (other quant families build on it):
 - ``q8_k_iscale(x, lo, n)``, ``q8_k_quant(iscale, v)``: njit-callable quantize_row_q8_K_ref.
 - ``q8_0_values(x)``, ``q8_k_values(x, 256)``: x as d * q of those activations, for float
   kernels that must see llama.cpp's activation values. ``round_f16(v)``: njit f32 -> f16 -> f32.
+- ``f16_bits(v) -> uint16``: njit; the bits of v rounded to f16 (numpy's astype(float16)).
 - ``load_f16(raw, off) -> float32``: njit-callable; the f16 at byte ``off`` of a uint8 array.
 - 256-bit vector values for njit kernels, written like C intrinsics (one x86 instruction or a
   few each). A kernel holds them in locals; LLVM keeps them in ymm registers:
@@ -22,6 +23,7 @@ Stable API (other quant families build on it):
     ``or_u8x32(a, b)``
     ``dot_u8i8_i32x8(acc, u, s)``  acc + 4-byte group sums of u*s: VNNI vpdpbusd (only call it
                                 when ``has_vnni()``; LLVM cannot select it otherwise)
+    ``load_i32x8(a, i)`` a[i:i+8] of an int32 array, ``shl_i32x8(v, n)`` lanes << n
     ``i32x8_zero()``, ``f32x8_zero()``, ``splat_f32x8(s)``, ``mul_f32x8(a, s)``
     ``fma_i32x8(acc, v, s)``    acc + float(v) * s; s is an F32x8 or a scalar float (splat)
     ``fma_i32x8_store(out, i, v, s)``  out[i:i+8] += float(v) * s (out float32 1-D)
@@ -134,6 +136,23 @@ def _round_f16_portable(x):
 
 
 round_f16 = _round_f16_f16c if has_f16c() else _round_f16_portable
+
+
+@njit(cache=True, inline="always")
+def f16_bits(x):
+    """x float32 -> the bits of x rounded to f16 (numpy's astype(float16).view(uint16))."""
+    r = round_f16(x)
+    bits = f32_bits(r)
+    sign = (bits >> np.uint32(16)) & np.uint32(0x8000)
+    mag = bits & np.uint32(0x7FFFFFFF)
+    if mag > np.uint32(0x7F800000):
+        return np.uint16(sign | np.uint32(0x7E00))
+    if mag >= np.uint32(0x47800000):  # >= 65536 after rounding: inf
+        return np.uint16(sign | np.uint32(0x7C00))
+    if mag < np.uint32(0x38800000):  # f16 subnormal or zero: exact multiple of 2**-24
+        return np.uint16(sign | np.uint32(abs(r) * np.float32(2.0**24)))
+    exp = (mag >> np.uint32(23)) - np.uint32(112)
+    return np.uint16(sign | (exp << np.uint32(10)) | ((mag >> np.uint32(13)) & np.uint32(0x3FF)))
 
 
 @njit(cache=True)
@@ -396,6 +415,32 @@ def dot_u8i8_i32x8(typingctx, acc, u, s):
 
 
 @intrinsic
+def load_i32x8(typingctx, a, i):
+    """a[i:i+8] of an int32 1-D array."""
+    if not (isinstance(a, types.Array) and a.dtype == types.int32 and a.ndim == 1
+            and isinstance(i, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.load(_f32_ptr(context, builder, sig, args, 0, 1, _V8I32), align=4)
+
+    return I32x8(a, i), codegen
+
+
+@intrinsic
+def shl_i32x8(typingctx, v, n):
+    """v << n in every lane; n a compile-time constant in practice (one vpslld)."""
+    if v != I32x8 or not isinstance(n, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        n32 = context.cast(builder, args[1], sig.args[1], types.int32)
+        return builder.shl(args[0], _splat(builder, n32, _V8I32))
+
+    return I32x8(v, n), codegen
+
+
+@intrinsic
 def i32x8_zero(typingctx):
     return I32x8(), lambda context, builder, sig, args: ir.Constant(_V8I32, None)
 
@@ -596,3 +641,61 @@ def fma_i32x16_store(typingctx, out, i, v, s):
         return context.get_dummy_value()
 
     return types.none(out, i, v, s), codegen
+
+
+# --- eight blocks' scales at once ----------------------------------------------------------------
+
+
+@intrinsic
+def load_f16x8_strided(typingctx, raw, off, stride):
+    """The 8 f16 at byte off + i * stride (i < 8) of a byte array, as F32x8: one block field
+    of 8 consecutive blocks, gathered by inserts and converted by one vcvtph2ps."""
+    if not (_is_byte_array(raw) and isinstance(off, types.Integer)
+            and isinstance(stride, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        base = _ptr(context, builder, sig, args)
+        step = context.cast(builder, args[2], sig.args[2], types.int64)
+        v = ir.Constant(ir.VectorType(ir.IntType(16), 8), None)
+        for i in range(8):
+            ptr = builder.gep(base, [builder.mul(step, ir.Constant(ir.IntType(64), i))])
+            v = builder.insert_element(v, _load(builder, ptr, ir.IntType(16)),
+                                       ir.Constant(ir.IntType(32), i))
+        halves = builder.bitcast(v, ir.VectorType(ir.HalfType(), 8))
+        return builder.fpext(halves, _V8F32)
+
+    return F32x8(raw, off, stride), codegen
+
+
+@intrinsic
+def load_f32x8(typingctx, a, i):
+    """a[i:i+8] of a float32 1-D array."""
+    if not (_is_f32_1d(a) and isinstance(i, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return _ld(builder, _f32_ptr(context, builder, sig, args, 0, 1, _V8F32))
+
+    return F32x8(a, i), codegen
+
+
+@intrinsic
+def fma_f32x8(typingctx, a, b, c):
+    """a * b + c, lane by lane."""
+    if (a, b, c) != (F32x8, F32x8, F32x8):
+        return None
+    return F32x8(a, b, c), lambda context, builder, sig, args: builder.call(_fma(builder), args)
+
+
+@intrinsic
+def lane_f32x8(typingctx, v, i):
+    """Lane i (a literal) of v in every lane."""
+    if v != F32x8 or not isinstance(i, types.IntegerLiteral):
+        return None
+    lane = i.literal_value
+
+    def codegen(context, builder, sig, args):
+        return builder.shuffle_vector(args[0], args[0], _mask([lane] * 8))
+
+    return F32x8(v, i), codegen
