@@ -21,22 +21,25 @@ LANES = 8  # independent accumulators: enough loads in flight to saturate the me
 
 @njit(cache=True, parallel=True)
 def _sum_words(words, n_chunks):
-    # words uint64 (n,), one contiguous chunk per parallel task; returns a checksum
+    # words uint64 (n,), one contiguous chunk per parallel task; returns a checksum.
+    # Unsigned index arithmetic: with signed range() indices Numba guards every load against
+    # negative wraparound and the loop ran at 5 GB/s here (28 GB/s unsigned, 1 thread).
     n = words.shape[0]
-    per_chunk = n // n_chunks // LANES * LANES
+    per_chunk = np.uint64(n // n_chunks // LANES * LANES)
     partial = np.zeros(n_chunks, np.uint64)  # (n_chunks,)
     for c in prange(n_chunks):
         a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = np.uint64(0)
-        base = c * per_chunk
-        for i in range(base, base + per_chunk, LANES):
+        base = np.uint64(c) * per_chunk
+        for j in range(per_chunk // np.uint64(LANES)):
+            i = base + np.uint64(j) * np.uint64(LANES)
             a0 += words[i]
-            a1 += words[i + 1]
-            a2 += words[i + 2]
-            a3 += words[i + 3]
-            a4 += words[i + 4]
-            a5 += words[i + 5]
-            a6 += words[i + 6]
-            a7 += words[i + 7]
+            a1 += words[i + np.uint64(1)]
+            a2 += words[i + np.uint64(2)]
+            a3 += words[i + np.uint64(3)]
+            a4 += words[i + np.uint64(4)]
+            a5 += words[i + np.uint64(5)]
+            a6 += words[i + np.uint64(6)]
+            a7 += words[i + np.uint64(7)]
         partial[c] = a0 + a1 + a2 + a3 + a4 + a5 + a6 + a7
     return partial.sum()
 
