@@ -229,7 +229,14 @@ def test_memory_figures_agree_with_proc_meminfo():
                for line in Path("/proc/meminfo").read_text().splitlines()}
     assert mem.total_gib == pytest.approx(meminfo["MemTotal"] / 2**30)
     assert 0 < mem.available_gib <= mem.total_gib
-    assert mem.available_gib == pytest.approx(meminfo["MemAvailable"] / 2**30, abs=0.5)
+    # the host's figure is MemAvailable; this process's own anonymous memory counts as
+    # available to it on top (it is what a model's pages would reuse), capped by cgroups
+    assert mem.host_available_gib == pytest.approx(meminfo["MemAvailable"] / 2**30, abs=0.5)
+    assert 0 <= mem.own_anon_gib < mem.total_gib
+    assert mem.available_gib <= mem.host_available_gib + mem.own_anon_gib + 1e-9
+    if mem.cgroup_limit_gib is None:
+        assert mem.available_gib == pytest.approx(
+            min(mem.host_available_gib + mem.own_anon_gib, mem.total_gib))
     assert mem.swap_total_gib == pytest.approx(meminfo["SwapTotal"] / 2**30)
 
 
