@@ -157,10 +157,12 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _check_args(parser, args)
-    # OpenMP threads that spin while idle steal the cores the HTTP thread needs between kernel
-    # calls (and a ring's other ranks', see prima_ref/cli.py): 3-8x slower streams measured
-    # with 1 and 4 clients on 2 cores. Must be set before numba starts its OpenMP pool.
-    os.environ.setdefault("GOMP_SPINCOUNT", "0")
+    # How long idle OpenMP threads spin before they sleep. Spinning without end steals the
+    # cores the HTTP thread needs; not spinning at all makes each of a forward's ~150 parallel
+    # regions wake its threads through the kernel. Measured on 2 cores, SmolLM2 Q4_1, 1/4/8
+    # streaming clients: 0 gives 34/49/- tok/s, 30000 gives 98/102/147, 300000 106/98/142.
+    # Must be set before numba starts its OpenMP pool.
+    os.environ.setdefault("GOMP_SPINCOUNT", "30000")
     from prima_ref.quants import set_num_threads
 
     if args.threads:
