@@ -249,6 +249,29 @@ def trace_layers(path: Path, n_tok: int = 15) -> list[dict]:
     return rows
 
 
+def forced_check(eng, prompt, base, base_logits, base_margins) -> dict:
+    """Feed the CPU run's own tokens (teacher forcing), so every position is compared on the same
+    context even after a near-tie flip: where the GPU's top-1 differs, the CPU's top-2 margin
+    there; top-5 sets; the logits' normalized squared error against the CPU's."""
+    eng.tokens.clear()
+    eng.model.kv_remove(0)
+    lg = eng.eval(prompt)
+    miss, top5_diff, errs = [], 0, []
+    for i, want in enumerate(base):
+        ref = base_logits[i]
+        errs.append(nse(lg, ref))
+        if int(np.argmax(lg)) != want:
+            miss.append({"pos": i, "cpu_margin": base_margins[i]})
+        if set(np.argsort(lg)[-5:].tolist()) != set(np.argsort(ref)[-5:].tolist()):
+            top5_diff += 1
+        if i + 1 < len(base):
+            lg = eng.eval([want])
+    return {"positions": len(base), "top1_mismatches": miss,
+            "top1_mismatch_max_cpu_margin": max((m["cpu_margin"] for m in miss), default=None),
+            "top5_set_differs": top5_diff, "logits_nse_median": float(np.median(errs)),
+            "logits_nse_max": float(np.max(errs))}
+
+
 def run_model(path: Path, n_predict: int, n_ctx: int = 512) -> dict:
     from prima_ref.engine import Engine
     from prima_ref.model.config import ModelConfig
@@ -268,11 +291,12 @@ def run_model(path: Path, n_predict: int, n_ctx: int = 512) -> dict:
         eng.generate(prompt, 4, Sampler(SamplingParams(temperature=0.0)))  # warm-up: compiles
         eng.tokens.clear()  # forget the warm-up: the next request recomputes every position
         eng.model.kv_remove(0)
-        margins = []  # top-1 minus top-2 logit before each token: how near a tie it was
+        margins, logits = [], []  # top-1 minus top-2 logit before each token: how near a tie
 
-        def on_logits(lg, margins=margins):
+        def on_logits(lg, margins=margins, logits=logits):
             top2 = np.partition(lg, -2)[-2:]
             margins.append(float(top2[1] - top2[0]))
+            logits.append(np.array(lg, np.float32))
 
         toks, tm = eng.generate(prompt, n_predict, Sampler(SamplingParams(temperature=0.0)),
                                 on_logits=on_logits)
@@ -280,7 +304,10 @@ def run_model(path: Path, n_predict: int, n_ctx: int = 512) -> dict:
                "tokens": toks, "eval_tps": tm.eval_tps, "prompt_tps": tm.prompt_tps,
                "text": eng.tokenizer.decode(toks)}
         if base is None:
-            base, base_margins = toks, margins
+            base, base_margins, base_logits = toks, margins, logits
+        else:
+            run["forced"] = forced_check(eng, prompt, base, base_logits, base_margins)
+            log(f"{path.name} {label}: teacher-forced on the CPU's tokens: {run['forced']}")
         run["equal_to_cpu"] = toks == base
         n_same = next((i for i, (a, b) in enumerate(zip(toks, base, strict=False)) if a != b),
                       min(len(toks), len(base)))
@@ -367,6 +394,12 @@ def main(argv=None) -> int:
                   f"first_diff={r['first_diff']}"
                   + (f" cpu_margin={r.get('cpu_margin_at_diff')} own={r.get('own_margin_at_diff')}"
                      if r['first_diff'] is not None else ""))
+            if "forced" in r:
+                f = r["forced"]
+                print(f"{'':40s} forced: {len(f['top1_mismatches'])}/{f['positions']} top-1 "
+                      f"differ (largest CPU margin there {f['top1_mismatch_max_cpu_margin']}), "
+                      f"top-5 set differs at {f['top5_set_differs']}, logits nse median "
+                      f"{f['logits_nse_median']:.1e} max {f['logits_nse_max']:.1e}")
     return 0
 
 
