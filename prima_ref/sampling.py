@@ -22,7 +22,8 @@ class SamplingParams:
 
     def __post_init__(self):
         if self.top_k < 0 or not 0.0 < self.top_p <= 1.0 or not 0.0 <= self.min_p <= 1.0:
-            raise ValueError(f"invalid sampling parameters: top_k={self.top_k} top_p={self.top_p} min_p={self.min_p}")
+            raise ValueError(f"invalid sampling parameters: top_k={self.top_k} "
+                             f"top_p={self.top_p} min_p={self.min_p}")
         if self.repeat_penalty <= 0:
             raise ValueError(f"repeat_penalty must be > 0, got {self.repeat_penalty}")
 
@@ -38,20 +39,19 @@ class Sampler:
         if self.params.repeat_last_n > 0:
             self.recent.append(int(token))
 
-    def probs(self, logits: np.ndarray) -> np.ndarray:
-        """Final distribution over the vocabulary after the whole chain (float64)."""
+    def penalized(self, logits: np.ndarray) -> np.ndarray:
+        """The logits as float64, with the repetition penalty applied to recent tokens."""
         p = self.params
         z = np.asarray(logits, dtype=np.float64).copy()
         if p.repeat_penalty != 1.0 and self.recent:
             ids = np.fromiter(set(self.recent), dtype=np.int64)
             z[ids] = np.where(z[ids] > 0, z[ids] / p.repeat_penalty, z[ids] * p.repeat_penalty)
-        if p.temperature <= 0:
-            out = np.zeros_like(z)
-            out[int(np.argmax(z))] = 1.0
-            return out
-        keep = np.argsort(-z, kind="stable")
-        if p.top_k > 0:
-            keep = keep[: p.top_k]
+        return z
+
+    def truncate(self, z: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """top-k candidates `keep` (best first) through top-p, min-p and the temperature:
+        the kept ids (best first) and their probabilities."""
+        p = self.params
         probs = _softmax(z[keep])
         if p.top_p < 1.0:
             cut = int(np.searchsorted(np.cumsum(probs), p.top_p)) + 1
@@ -59,7 +59,20 @@ class Sampler:
         if p.min_p > 0.0:
             mask = probs >= p.min_p * probs[0]
             keep, probs = keep[mask], probs[mask]
-        probs = _softmax(z[keep] / p.temperature)
+        return keep, _softmax(z[keep] / p.temperature)
+
+    def probs(self, logits: np.ndarray) -> np.ndarray:
+        """Final distribution over the vocabulary after the whole chain (float64)."""
+        p = self.params
+        z = self.penalized(logits)
+        if p.temperature <= 0:
+            out = np.zeros_like(z)
+            out[int(np.argmax(z))] = 1.0
+            return out
+        keep = np.argsort(-z, kind="stable")
+        if p.top_k > 0:
+            keep = keep[: p.top_k]
+        keep, probs = self.truncate(z, keep)
         out = np.zeros_like(z)
         out[keep] = probs
         return out

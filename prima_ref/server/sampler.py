@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from prima_ref.sampling import Sampler, _softmax
+from prima_ref.sampling import Sampler
 
 
 class FastSampler(Sampler):
@@ -22,23 +22,12 @@ class FastSampler(Sampler):
         n = logits.shape[-1]
         if p.temperature <= 0 or p.top_k <= 0 or p.top_k >= n:
             return super().sample(logits)
-        z = np.asarray(logits, dtype=np.float64).copy()
-        if p.repeat_penalty != 1.0 and self.recent:
-            ids = np.fromiter(set(self.recent), dtype=np.int64)
-            z[ids] = np.where(z[ids] > 0, z[ids] / p.repeat_penalty, z[ids] * p.repeat_penalty)
+        z = self.penalized(logits)
         # the first top_k of a stable descending argsort: everything >= the k-th largest value,
         # ties in ascending id order (flatnonzero is ascending, the sort below is stable)
         kth = np.partition(z, n - p.top_k)[n - p.top_k]
         cand = np.flatnonzero(z >= kth)
-        keep = cand[np.argsort(-z[cand], kind="stable")][: p.top_k]
-        probs = _softmax(z[keep])
-        if p.top_p < 1.0:
-            cut = int(np.searchsorted(np.cumsum(probs), p.top_p)) + 1
-            keep, probs = keep[:cut], probs[:cut]
-        if p.min_p > 0.0:
-            mask = probs >= p.min_p * probs[0]
-            keep, probs = keep[mask], probs[mask]
-        probs = _softmax(z[keep] / p.temperature)
+        keep, probs = self.truncate(z, cand[np.argsort(-z[cand], kind="stable")][: p.top_k])
         order = np.argsort(keep)  # token-id order, as the full-vocabulary array has them
         token = int(keep[order][self.rng.choice(keep.size, p=probs[order])])
         self.accept(token)
