@@ -195,6 +195,23 @@ class Engine:
                 self.model.kv_remove(n_keep, n_held)
             del self.tokens[n_keep:]
 
+    def prefill(self, prompt: list[int], sampler: Sampler, timings: Timings, t0: float,
+                after=None) -> np.ndarray:
+        """A request's start: a new request id round the ring, the cached prefix kept, the
+        sampler told of the prompt, the rest evaluated (then `after()`, if given, still counted
+        as prompt time); the logits after the prompt. Fills timings' prompt figures from t0."""
+        if self.ring is not None:
+            self.ring.begin_request()
+        start = self.reuse_prefix(prompt)
+        for tok in prompt:
+            sampler.accept(tok)
+        logits = self.eval(prompt[start:])
+        if after is not None:
+            after()
+        timings.prompt_tokens = len(prompt) - start
+        timings.prompt_ms = (time.perf_counter() - t0) * 1e3
+        return logits
+
     def generate(self, prompt: list[int], n_predict: int, sampler: Sampler,
                  on_text: Callable[[str], None] | None = None,
                  stop: Callable[[int], bool] | None = None,
@@ -204,14 +221,7 @@ class Engine:
         logits (n_vocab,) before each token is sampled."""
         timings = Timings(load_ms=self.load_ms)
         t0 = time.perf_counter()
-        if self.ring is not None:
-            self.ring.begin_request()
-        start = self.reuse_prefix(prompt)
-        for tok in prompt:
-            sampler.accept(tok)
-        logits = self.eval(prompt[start:])
-        timings.prompt_tokens = len(prompt) - start
-        timings.prompt_ms = (time.perf_counter() - t0) * 1e3
+        logits = self.prefill(prompt, sampler, timings, t0)
         decoder = StreamDecoder(self.tokenizer)
         out: list[int] = []
         n_decode = 0  # forward passes after the prompt, llama.cpp's "runs"

@@ -222,15 +222,9 @@ class SpeculativeDecoder:
         target, stats = self.target, SpecStats()
         timings = Timings(load_ms=target.load_ms + self.draft.load_ms)
         t0 = time.perf_counter()
-        if target.ring is not None:
-            target.ring.begin_request()
-        start = target.reuse_prefix(prompt)
-        for tok in prompt:
-            sampler.accept(tok)
-        logits = target.eval(prompt[start:])
-        self._sync_draft(prompt)  # the draft's prefill too, so its first proposal is ready
-        timings.prompt_tokens = len(prompt) - start
-        timings.prompt_ms = (time.perf_counter() - t0) * 1e3
+        # the draft's prefill counts as prompt time too, so its first proposal is ready
+        logits = target.prefill(prompt, sampler, timings, t0,
+                                after=lambda: self._sync_draft(prompt))
         decoder = StreamDecoder(target.tokenizer)
         out: list[int] = []
         limit = n_predict if n_predict >= 0 else target.n_ctx
