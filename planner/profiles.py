@@ -79,7 +79,7 @@ class RingCost:
 
     window_ms: float  # a worker: receive, decode, check, frame, send, bookkeeping, its threads
     round_ms: float  # rank 0: frame, send, wait, receive, decode, its threads
-    n_embd: int  # the activation width it was measured with
+    n_embd: int = 0  # the activation width it was measured with (0: a what-if device)
     model: str = ""
 
 
@@ -427,9 +427,17 @@ def _whatif_device(f: _Fields, source: str) -> DeviceProfile:
                   free_gib=f.num("disk_free_gib", 64.0)),
         network=Network(latency_ms=f.num("link_latency_ms"),
                         bandwidth_gbps=f.num("link_gbps", positive=True)),
-        gpu=_whatif_gpu(f.obj("gpu", None), os_name), source=source)
+        gpu=_whatif_gpu(f.obj("gpu", None), os_name), source=source, ring=_whatif_ring(f))
     f.check_no_unknown()
     return device
+
+
+def _whatif_ring(f: _Fields) -> RingCost | None:
+    """`ring_window_ms` / `ring_round_ms`: the ring runtime's CPU work (device profile `ring`)."""
+    window, rnd = f.num("ring_window_ms", None), f.num("ring_round_ms", None)
+    if window is None and rnd is None:
+        return None
+    return RingCost(window_ms=window or 0.0, round_ms=rnd or 0.0)
 
 
 def _whatif_matvec(f: _Fields, prefix: str) -> dict[str, Throughput]:
