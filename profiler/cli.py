@@ -188,7 +188,7 @@ def _profile(args) -> int:
         tool_version=prima_ref.__version__)
     run.others_busy_pct = system.others_busy_pct(cpu_start, system.cpu_times())
     # after the busy figure: the ring's worker is a child process, which it would count
-    run.ring, run.ring_reason = _profile_ring(args, infos[0], models[0], threads, s)
+    run.ring, run.ring_reason = _profile_ring(args, infos[0], s)
     run.elapsed_s = round(time.perf_counter() - t_start, 2)
     if run.others_busy_pct is not None and run.others_busy_pct > BUSY_WARN_PCT:
         log(f"warning: other processes used {run.others_busy_pct:.0f}% of the CPUs during "
@@ -242,22 +242,20 @@ def _profile_model(info, threads: int, s: Settings, decode: bool = True):
                            decode=steps)
 
 
-def _profile_ring(args, info, model_run, threads: int, s: Settings):
+def _profile_ring(args, info, s: Settings):
     from profiler.ring import RingUnavailable, ring_overhead
 
     if args.no_ring:
         return None, "--no-ring"
-    if model_run.decode is None:
-        return None, "needs the decode profile (its layer time is subtracted); drop --no-decode"
     if info.profile.total_bytes > RING_MAX_GIB * 2**30:
         return None, (f"{info.label} is over {RING_MAX_GIB:g} GiB and the loopback ring maps "
                       "every layer; profile with a small model too (-m small.gguf first)")
     tokens = RING_TOKENS[1 if args.quick else 0]
-    log(f"ring: 2 ranks on loopback, -lw 0,1 ({info.profile.n_layers} windows a token), "
-        f"{tokens} tokens x {s.repeats} ...")
+    log(f"ring: 2 ranks on loopback, 1 thread each, -lw 0,1 ({info.profile.n_layers} windows "
+        f"a token), {tokens} tokens x {s.repeats} ...")
     try:
-        r = ring_overhead(info.path, threads=threads, layer_ms=model_run.decode.layer_ms,
-                          tokens=tokens, repeats=s.repeats, log=log)
+        r = ring_overhead(info.path, tokens=tokens, repeats=s.repeats,
+                          max_bytes=s.matvec_max_mib << 20, min_seconds=s.sample_s)
     except RingUnavailable as e:
         log(f"ring: {e}")
         return None, str(e)

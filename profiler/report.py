@@ -101,7 +101,7 @@ def device_profile(run: DeviceRun) -> dict:
         "network": {"latency_ms": net.latency_ms.mean if net else ASSUMED_LATENCY_MS,
                     "bandwidth_gbps": net.bandwidth_gbps.mean if net
                     else ASSUMED_BANDWIDTH_GBPS},
-        "ring": (ring_entry(run.ring, run.models[0].info.profile.name, run.threads)
+        "ring": (ring_entry(run.ring, run.models[0].info.profile.name)
                  if run.ring is not None else None),
         "extra": _extra(run, matvec),
     }

@@ -13,20 +13,30 @@ it out. So this module runs the engine's own ring on loopback and measures it:
     a token, rank 0 holding no layer, so each round is one window on rank 1 and one round trip
 
     window_ms  rank 1's CPU time per window (user + system, every thread of the process)
-               minus the layer it ran (the decode profile's layer_ms, timed just before)
+               minus the layer it ran (the model's average layer at one thread, CPU time,
+               timed by the decode profile's code in rank 0's process before and after)
     round_ms   rank 0's CPU time per round (every thread of this process) minus the
                embedding and output head (head_ms, timed here right after)
 
 CPU time, not wall time: the two processes take turns on this device's cores, so the wall
 time of a loopback ring is their sum plus whatever else runs; on an idle device the two agree.
+Both ranks run one kernel thread: the work measured is the runtime's single-threaded Python,
+and CPU time at one thread leaves out the time slices of other processes (threads > 1 are
+timed by wall clock, which on a shared device is not the code's). Rank 0 runs in a child
+process too (`python -m profiler.ring`), started with GOMP_SPINCOUNT=0 as prima-cli starts
+every rank of a ring: profile-tool's own OpenMP threads, spinning after its matvec tests,
+would otherwise take the cores the worker's turn needs.
 The figures go into the device profile's `ring` (schema v3), where planner.latency adds
 window_ms to every worker's hop term and round_ms to rank 0's.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -67,9 +77,29 @@ def _cpu_s(pid: int | None = None) -> float:
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def ring_overhead(model_path, *, threads: int, layer_ms: float, tokens: int, repeats: int,
-                  log=print) -> RingResult:
-    """Run a 2-rank loopback ring (-lw 0,1) on this model; see the module docstring."""
+def ring_overhead(model_path, *, tokens: int, repeats: int, max_bytes: int,
+                  min_seconds: float, timeout_s: float = 600.0) -> RingResult:
+    """Run a 2-rank loopback ring (-lw 0,1) on this model, rank 0 in a child process started
+    as prima-cli starts a ring's ranks; see the module docstring."""
+    cmd = [sys.executable, "-m", "profiler.ring", str(model_path), "--tokens", str(tokens),
+           "--repeats", str(repeats), "--max-bytes", str(max_bytes), "--min-seconds",
+           repr(min_seconds)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s,
+                              env={**os.environ, "GOMP_SPINCOUNT": "0"})
+    except subprocess.TimeoutExpired:
+        raise RingUnavailable(f"the loopback ring took over {timeout_s:.0f} s") from None
+    if proc.returncode != 0:
+        raise RingUnavailable(f"the loopback ring failed (exit {proc.returncode}): "
+                              f"{proc.stderr[-600:]}")
+    d = json.loads(proc.stdout)
+    return RingResult(window_ms=Stat(tuple(d["window_ms"])), round_ms=Stat(tuple(d["round_ms"])),
+                      k=d["k"], tokens=d["tokens"], n_embd=d["n_embd"],
+                      layer_ms=d["layer_ms"], head_ms=d["head_ms"])
+
+
+def _measure(model_path, *, layer_ms: float, tokens: int, repeats: int) -> RingResult:
+    """Rank 0's side, in this process; rank 1 a prima-cli child."""
     from prima_ref.engine import Engine
     from prima_ref.ring.launch import LocalRing, free_port_base
     from prima_ref.ring.topology import Layout, RingOptions, load_plan, make_plan
@@ -88,7 +118,7 @@ def ring_overhead(model_path, *, threads: int, layer_ms: float, tokens: int, rep
                          signal_port=free_port_base(2))
         (tmp / "plan.json").write_text(json.dumps(plan))
         p = load_plan(tmp / "plan.json")
-        with LocalRing(model_path, tmp / "plan.json", worker_args=["-t", str(threads)],
+        with LocalRing(model_path, tmp / "plan.json", worker_args=["-t", "1"],
                        log_dir=tmp) as ring:
             worker = ring.procs[1].pid
             engine = Engine(model_path, n_ctx=RING_CTX, n_batch=1,
@@ -124,6 +154,30 @@ def ring_overhead(model_path, *, threads: int, layer_ms: float, tokens: int, rep
                       head_ms=head_ms)
 
 
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m profiler.ring",
+                                 description="profile-tool's loopback ring (rank 0's side)")
+    ap.add_argument("model")
+    ap.add_argument("--tokens", type=int, required=True)
+    ap.add_argument("--repeats", type=int, required=True)
+    ap.add_argument("--max-bytes", type=int, required=True)
+    ap.add_argument("--min-seconds", type=float, required=True)
+    args = ap.parse_args(argv)
+    from profiler.decode import decode_profile
+
+    def layer_ms() -> float:  # one thread, CPU time: what the worker's windows run
+        return decode_profile(args.model, threads=1, repeats=1, max_bytes=args.max_bytes,
+                              min_seconds=args.min_seconds).layer_ms
+
+    before = layer_ms()
+    r = _measure(args.model, layer_ms=0.0, tokens=args.tokens, repeats=args.repeats)
+    layer = (before + layer_ms()) / 2
+    print(json.dumps({"window_ms": [w - layer for w in r.window_ms.samples],
+                      "round_ms": r.round_ms.samples, "k": r.k, "tokens": r.tokens,
+                      "n_embd": r.n_embd, "head_ms": r.head_ms, "layer_ms": layer}))
+    return 0
+
+
 def _head_ms(engine, ids, tokens: int) -> float:
     """CPU ms of rank 0's embedding + output head for one token, as the timed loop ran them."""
     model = engine.model
@@ -133,17 +187,18 @@ def _head_ms(engine, ids, tokens: int) -> float:
     return (time.process_time() - c0) * 1e3 / tokens
 
 
-def ring_entry(result: RingResult, model_name: str, threads: int) -> dict:
+def ring_entry(result: RingResult, model_name: str) -> dict:
     """The device profile's `ring` (planner/profiles.py reads it)."""
     return {"window_ms": max(0.0, result.window_ms.mean),
             "round_ms": max(0.0, result.round_ms.mean), "n_embd": result.n_embd,
-            "model": model_name, "n_threads": threads}
+            "model": model_name, "n_threads": 1}
 
 
 def ring_extra(result: RingResult) -> dict:
-    return {"definition": "2-rank loopback ring of prima_ref (-lw 0,1: k = n_layers rounds of "
-                          "one layer on rank 1); window_ms = rank 1's CPU time per window - "
-                          "layer_ms; round_ms = (rank 0's CPU time per token - head_ms) / k; "
+    return {"definition": "2-rank loopback ring of prima_ref, 1 thread per rank (-lw 0,1: "
+                          "k = n_layers rounds of one layer on rank 1); window_ms = rank 1's "
+                          "CPU time per window - layer_ms (the average layer, 1 thread, CPU "
+                          "time); round_ms = (rank 0's CPU time per token - head_ms) / k; "
                           "CPU time of every thread of each process",
             "window_ms_std": result.window_ms.std, "round_ms_std": result.round_ms.std,
             "window_ms_samples": list(result.window_ms.samples),
@@ -151,3 +206,7 @@ def ring_extra(result: RingResult) -> dict:
             "n_windows_per_token": result.k, "n_tokens_per_sample": result.tokens,
             "layer_ms_subtracted": result.layer_ms,
             "head_ms_subtracted": result.head_ms}
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
