@@ -177,6 +177,7 @@ def main(argv=None) -> int:
              "- command: `flock /tmp/prima-bench.lock .venv/bin/python bench/ring.py`", ""]
     tmp = Path(tempfile.mkdtemp(prefix="bench-ring-prof-"))
     profile = measure_profile(model, tmp)
+    profile["extra"]["bench_load_1min"] = os.getloadavg()[0]  # at the end of profiling
     results = {m: decode_run(model, sizes, n_predict) for m, sizes in SPLITS.items()}
     ref = results["1"]["tokens"]
     lines += ["## Decode speed", "",
@@ -217,7 +218,9 @@ def prediction_lines(model, profile: dict, results: dict) -> list[str]:
     lines = ["## Measured token latency vs the planner's prediction (same plan)", "",
              "The device profile is profile-tool's, run on this machine just before "
              f"(`profile-tool -m {model.name} -t {THREADS} --no-disk --peer 127.0.0.1:PORT`, "
-             "the peer a `profile-tool --listen` on loopback). Schema v2's `cpu.decode` holds "
+             "the peer a `profile-tool --listen` on loopback; load average "
+             f"{profile['extra']['bench_load_1min']:.2f} when it ended). Schema v2's "
+             "`cpu.decode` holds "
              f"whole decode steps: {dec['layer_ms']:.3f} ms per layer "
              f"(Transformer.forward_layers at position {dec['n_ctx'] - 1}; {ex['clock']}), "
              f"fixed {dec['fixed_ms']:.2f} ms per token (embedding + output head "
@@ -235,7 +238,10 @@ def prediction_lines(model, profile: dict, results: dict) -> list[str]:
              "profile: layers priced from matvec speeds, hops by the network alone).", "",
              "CPU columns: the ranks' CPU time per token (Decode speed above) against the same "
              "prediction; on an idle machine it equals the wall time, on a shared one it shows "
-             "whether a miss is the model's or the neighbours'.", "",
+             "whether a miss is the model's or the neighbours' (with the load average above "
+             "2 on 2 cores, wall time is mostly other processes' turns). The profile's figures "
+             "are CPU time at one thread too; their own drift with load (the average layer "
+             "moves by 10-20 % between runs on this VM) is the error that remains.", "",
              "| ranks | windows | k | measured ms | predicted ms | error | cpu / hop / fixed ms "
              "| predicted ms (matvec only) | error | measured CPU ms | error |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
