@@ -68,7 +68,7 @@ def decode_run(model, sizes, n_predict) -> dict:
         if any(r["tokens"] != runs[0]["tokens"] for r in runs):
             raise RuntimeError(f"{sizes}: repeated runs gave different tokens")
         res = sorted(runs, key=lambda r: r["ms_per_token"])[len(runs) // 2]  # the median run
-        return {**res, "ms_all": [r["ms_per_token"] for r in runs]}
+        return {**res, "ms_all": [r["ms_per_token"] for r in runs], "load": os.getloadavg()[0]}
 
     if len(sizes) == 1:
         return measured(Engine(model, n_ctx=CTX))
@@ -147,6 +147,7 @@ def predicted(model_path, profile: dict, sizes, ctx: int, matvec_only: bool = Fa
     doc = json.loads(json.dumps(profile))
     if matvec_only:
         doc["cpu"]["decode"] = []
+        doc["ring"] = None
     devices = [device_from_dict({**doc, "name": f"rank{r}"}, "bench") for r in range(len(sizes))]
     split = Split(k=N_LAYERS // sum(sizes), w=tuple(sizes), n=tuple(0 for _ in sizes))
     return predict(device_costs(devices, model, ctx), split, fixed_ms(devices[0], model))
@@ -176,6 +177,7 @@ def main(argv=None) -> int:
              "- command: `flock /tmp/prima-bench.lock .venv/bin/python bench/ring.py`", ""]
     tmp = Path(tempfile.mkdtemp(prefix="bench-ring-prof-"))
     profile = measure_profile(model, tmp)
+    profile["extra"]["bench_load_1min"] = os.getloadavg()[0]  # at the end of profiling
     results = {m: decode_run(model, sizes, n_predict) for m, sizes in SPLITS.items()}
     ref = results["1"]["tokens"]
     lines += ["## Decode speed", "",
@@ -185,12 +187,13 @@ def main(argv=None) -> int:
               "generation, per token: what the ranks computed, whatever else ran on the cores.",
               "",
               "| ranks | windows (-lw) | ms per token | tok/s | same tokens as 1 rank | ms per "
-              "token, every run | CPU ms per token (all ranks) |", "|---|---|---|---|---|---|---|"]
+              "token, every run | CPU ms per token (all ranks) | load (1 min) |",
+              "|---|---|---|---|---|---|---|---|"]
     for m, r in results.items():
         lines.append(f"| {m} | {','.join(map(str, SPLITS[m]))} | {r['ms_per_token']:.2f} | "
                      f"{r['eval_tps']:.1f} | {'yes' if r['tokens'] == ref else 'NO'} | "
                      f"{', '.join(f'{x:.1f}' for x in r['ms_all'])} | "
-                     f"{r['cpu_ms_per_token']:.2f} |")
+                     f"{r['cpu_ms_per_token']:.2f} | {r['load']:.2f} |")
     lines += ["", "## Per-hop overhead (probe round trip / ranks, no compute)", "",
               "| ranks | floats | median ms per hop | p90 ms |", "|---|---|---|---|"]
     for m, r in results.items():
@@ -211,22 +214,34 @@ def main(argv=None) -> int:
 def prediction_lines(model, profile: dict, results: dict) -> list[str]:
     dec = profile["cpu"]["decode"][0]
     ex = profile["extra"]["models"][0]["cpu_decode"]
+    ring = profile.get("ring") or {"window_ms": 0.0, "round_ms": 0.0}
     lines = ["## Measured token latency vs the planner's prediction (same plan)", "",
              "The device profile is profile-tool's, run on this machine just before "
              f"(`profile-tool -m {model.name} -t {THREADS} --no-disk --peer 127.0.0.1:PORT`, "
-             "the peer a `profile-tool --listen` on loopback). Schema v2's `cpu.decode` holds "
+             "the peer a `profile-tool --listen` on loopback; load average "
+             f"{profile['extra']['bench_load_1min']:.2f} when it ended). Schema v2's "
+             "`cpu.decode` holds "
              f"whole decode steps: {dec['layer_ms']:.3f} ms per layer "
              f"(Transformer.forward_layers at position {dec['n_ctx'] - 1}; {ex['clock']}), "
              f"fixed {dec['fixed_ms']:.2f} ms per token (embedding + output head "
              f"{ex['head_ms']:.2f} ms, sampling {ex['sample_ms']:.2f} ms); network "
-             f"{profile['network']['latency_ms']:.3f} ms one way. Every rank is given this "
-             "profile; the prediction is planner.latency.predict for the plan's split at the "
-             "run's mean decode context (prompt + half the generated tokens).", "",
-             "Last columns: the same profile without `cpu.decode` (a v1 profile: layers priced "
-             "from matvec speeds), as the previous report had it.", "",
+             f"{profile['network']['latency_ms']:.3f} ms one way. Schema v3's `ring` holds "
+             "the ring runtime's own CPU work, timed by profile-tool on a 2-rank loopback ring "
+             f"(-lw 0,1: one window of one layer per round): {ring['window_ms']:.3f} ms per "
+             "window on a worker beyond its layers (receive, decode, checks, frame, send, "
+             f"bookkeeping, its threads), {ring['round_ms']:.3f} ms per round on rank 0 "
+             "beyond its head; the planner adds them to each hop term (a worker's per window, "
+             "rank 0's per round). Every rank is given this profile; the prediction is "
+             "planner.latency.predict for the plan's split at the run's mean decode context "
+             "(prompt + half the generated tokens).", "",
+             "Matvec-only columns: the same profile without `cpu.decode` and `ring` (a v1 "
+             "profile: layers priced from matvec speeds, hops by the network alone).", "",
              "CPU columns: the ranks' CPU time per token (Decode speed above) against the same "
              "prediction; on an idle machine it equals the wall time, on a shared one it shows "
-             "whether a miss is the model's or the neighbours'.", "",
+             "whether a miss is the model's or the neighbours' (with the load average above "
+             "2 on 2 cores, wall time is mostly other processes' turns). The profile's figures "
+             "are CPU time at one thread too; their own drift with load (the average layer "
+             "moves by 10-20 % between runs on this VM) is the error that remains.", "",
              "| ranks | windows | k | measured ms | predicted ms | error | cpu / hop / fixed ms "
              "| predicted ms (matvec only) | error | measured CPU ms | error |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -247,7 +262,8 @@ def prediction_lines(model, profile: dict, results: dict) -> list[str]:
     lines += ["", "Error = (measured - predicted) / predicted. Target: within 25 %.", "",
               "What a hop costs the ring beyond the layers: (ring - 1 rank) / hops per token "
               "(k x ranks), from the medians above, against the planner's hop term per hop "
-              "(profile latency + activation / bandwidth).", "",
+              "(profile latency + activation / bandwidth + the ring's CPU work per window or "
+              "round).", "",
               "| ranks | hops per token | extra wall ms per hop | extra CPU ms per hop | "
               "planner's ms per hop |", "|---|---|---|---|---|"]
     one = results["1"]

@@ -16,6 +16,8 @@ piecewise parts get their own variables:
 
     minimise  sum_m k*cpu_m*w_m + k*(gpu_m - cpu_m)*n_m + disk_m*r_m + k*hop_m*y_m
               + k*hop_0*u + fixed - bonus*sum y_m
+    (hop_m: one window's hop, network + the ring runtime's CPU work per window on worker m;
+    hop_0: rank 0's, per round; latency.hop_ms)
     windows_sum           sum_m w_m = W
     gpu_in_window_devM    n_m <= w_m
     vram_cap_devM         k*(layer+kv)*n_m <= usable VRAM

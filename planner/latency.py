@@ -14,7 +14,12 @@ them on its GPU, so it holds l_m = k*w_m layers. Token latency (ms):
                                                         bytes/matvec GB/s, bytes/RAM GB/s)
                                                         + attention over the KV cache + KV copy
               + reread_m * ms_per_gib_m                 disk: bytes re-read per token, by OS case
-              + k*hop_m*[m in ring] ]                   network: latency + activations / bandwidth
+              + k*hop_m*[m in ring] ]                   a window's hop: network latency +
+                                                        activations / bandwidth + the ring
+                                                        runtime's own CPU work (profile v3
+                                                        `ring`: a worker's receive, decode,
+                                                        checks, send per window; rank 0's per
+                                                        round)
         + fixed                                         rank 0: output layer, embedding row,
                                                         sampling
 
@@ -139,7 +144,7 @@ def _device_cost(d: DeviceProfile, model: ModelProfile, ctx: int, is_rank0: bool
     disk_gbps = d.disk.seq_read_gbps if d.os in ("linux", "android") else d.disk.rnd_read_gbps
     return DeviceCost(
         name=d.name, os=d.os, gpu_backend=d.gpu_backend, cpu_layer_ms=cpu_ms,
-        gpu_layer_ms=gpu_ms, hop_ms=hop_ms(d, model), layer_gib=model.layer.n_bytes / GIB,
+        gpu_layer_ms=gpu_ms, hop_ms=hop_ms(d, model, is_rank0), layer_gib=model.layer.n_bytes / GIB,
         kv_gib=model.kv_bytes_per_token_per_layer * ctx / GIB, head_gib=head,
         buffers_gib=_buffers_gib(model, ctx, is_rank0), ram_budget_gib=ram_budget_gib(d),
         disk_room_gib=d.disk.free_gib, disk_ms_per_gib=GIB / (disk_gbps * 1e9) * 1e3,
@@ -200,10 +205,16 @@ def _lookup(d: DeviceProfile, matvec: dict[str, Throughput], qtype: str, where: 
                        f"'{DEFAULT_QTYPE}' entry")
 
 
-def hop_ms(d: DeviceProfile, model: ModelProfile) -> float:
-    """One activation vector (f32, one token) to the next device in the ring."""
+def hop_ms(d: DeviceProfile, model: ModelProfile, is_rank0: bool = False) -> float:
+    """c_m: one window's hop. The activation (f32, one token) to the next device, plus the ring
+    runtime's CPU work for the window (measured on loopback, so it holds the loopback hop's own
+    syscalls too): a worker's per window, rank 0's per round. The Python runtime's share is
+    larger than a LAN's latency, so leaving it out (as profiles before v3 do) favours many hops."""
     n_bytes = 4 * model.n_embd + ACTIVATION_HEADER_BYTES
-    return d.network.latency_ms + n_bytes / (d.network.bandwidth_gbps * 1e9) * 1e3
+    network = d.network.latency_ms + n_bytes / (d.network.bandwidth_gbps * 1e9) * 1e3
+    if d.ring is None:
+        return network
+    return network + (d.ring.round_ms if is_rank0 else d.ring.window_ms)
 
 
 def ram_budget_gib(d: DeviceProfile) -> float:

@@ -26,9 +26,11 @@ from pathlib import Path
 
 SCHEMA_VERSION = 1  # model profiles, clusters, plans
 # Device profiles: v2 adds the optional `cpu.decode` (whole decode steps per model); v1 files,
-# which lack it, still load and are priced from their matvec speeds as before.
-DEVICE_SCHEMA_VERSION = 2
-DEVICE_SCHEMA_VERSIONS = (1, 2)
+# which lack it, still load and are priced from their matvec speeds as before. v3 adds the
+# optional `ring` (the ring runtime's own CPU cost per window); without it a hop costs only
+# the network, as before.
+DEVICE_SCHEMA_VERSION = 3
+DEVICE_SCHEMA_VERSIONS = (1, 2, 3)
 DEVICE_SCHEMA = "prima-ref/device-profile"
 MODEL_SCHEMA = "prima-ref/model-profile"
 CLUSTER_SCHEMA = "prima-ref/cluster"
@@ -68,6 +70,17 @@ class DecodeCost:
     def matches(self, model: ModelProfile) -> bool:
         return (self.model == model.name and self.n_layers == model.n_layers
                 and abs(self.layer_bytes - model.layer.n_bytes) <= 1e-6 * model.layer.n_bytes)
+
+
+@dataclass(frozen=True)
+class RingCost:
+    """The ring runtime's own CPU work on this device (profile-tool's ring.py, loopback): what
+    a window costs a rank beyond its layers, and rank 0's cost per round beyond its head."""
+
+    window_ms: float  # a worker: receive, decode, check, frame, send, bookkeeping, its threads
+    round_ms: float  # rank 0: frame, send, wait, receive, decode, its threads
+    n_embd: int = 0  # the activation width it was measured with (0: a what-if device)
+    model: str = ""
 
 
 @dataclass(frozen=True)
@@ -121,6 +134,7 @@ class DeviceProfile:
     gpu: Gpu | None = None
     source: str = ""  # where it was read from, for error messages
     decode: tuple[DecodeCost, ...] = ()  # measured decode steps, per model (schema v2)
+    ring: RingCost | None = None  # the ring runtime's own cost (schema v3)
 
     def decode_for(self, model: ModelProfile) -> DecodeCost | None:
         return next((d for d in self.decode if d.matches(model)), None)
@@ -293,10 +307,21 @@ def device_from_dict(data: dict, source: str) -> DeviceProfile:
         kv_copy_ms_per_layer=cpu.num("kv_copy_ms_per_layer", 0.0),
         memory=_memory(mem), disk=_disk(disk), network=_network(net),
         gpu=_gpu(f.obj("gpu", None), os_name), source=source,
-        decode=_decode(cpu) if version >= 2 else ())
+        decode=_decode(cpu) if version >= 2 else (),
+        ring=_ring(f.obj("ring", None)) if version >= 3 else None)
     for part in (cpu, mem, disk, net, f):
         part.check_no_unknown()
     return device
+
+
+def _ring(f: _Fields | None) -> RingCost | None:
+    if f is None:
+        return None
+    ring = RingCost(window_ms=f.num("window_ms"), round_ms=f.num("round_ms"),
+                    n_embd=f.integer("n_embd", minimum=1), model=f.text("model", None) or "")
+    f.raw("n_threads", None)
+    f.check_no_unknown()
+    return ring
 
 
 def _decode(cpu: _Fields) -> tuple[DecodeCost, ...]:
@@ -402,9 +427,17 @@ def _whatif_device(f: _Fields, source: str) -> DeviceProfile:
                   free_gib=f.num("disk_free_gib", 64.0)),
         network=Network(latency_ms=f.num("link_latency_ms"),
                         bandwidth_gbps=f.num("link_gbps", positive=True)),
-        gpu=_whatif_gpu(f.obj("gpu", None), os_name), source=source)
+        gpu=_whatif_gpu(f.obj("gpu", None), os_name), source=source, ring=_whatif_ring(f))
     f.check_no_unknown()
     return device
+
+
+def _whatif_ring(f: _Fields) -> RingCost | None:
+    """`ring_window_ms` / `ring_round_ms`: the ring runtime's CPU work (device profile `ring`)."""
+    window, rnd = f.num("ring_window_ms", None), f.num("ring_round_ms", None)
+    if window is None and rnd is None:
+        return None
+    return RingCost(window_ms=window or 0.0, round_ms=rnd or 0.0)
 
 
 def _whatif_matvec(f: _Fields, prefix: str) -> dict[str, Throughput]:

@@ -30,6 +30,8 @@ SAMPLE_S = (0.2, 0.05)  # shortest matvec / KV-copy sample: many passes of a sma
 DISK_FILE_MIB = (256, 64)  # temporary file; big enough that random reads are not one region
 DISK_SAMPLE_S = (0.25, 0.1)  # per disk sample, as prima.cpp's fio runtime=1 s over 4 jobs
 NET_SAMPLE_S = (0.3, 0.1)  # bulk send per bandwidth sample
+RING_TOKENS = (16, 4)  # tokens per ring sample, each n_layers windows of one layer
+RING_MAX_GIB = 4.0  # the loopback ring's worker maps every layer: only models this small
 LISTEN_TIMEOUT_S = 300.0  # a forgotten `--listen` goes away by itself
 BUSY_WARN_PCT = 20.0  # other processes' CPU share above which the figures are suspect
 
@@ -61,6 +63,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-gpu", action="store_true", help="do not look for a GPU")
     p.add_argument("--no-decode", action="store_true", help="skip timing whole decode steps "
                    "(the planner then prices layers from matvec speeds alone)")
+    p.add_argument("--no-ring", action="store_true", help="skip timing the ring runtime's own "
+                   "work per window on a loopback ring (the planner then prices a hop by the "
+                   "network alone)")
     p.add_argument("--listen", type=int, metavar="PORT", help="serve network probes for a "
                    "--peer on another device, then exit")
     p.add_argument("--bind", default="0.0.0.0", help="address --listen binds (default all)")
@@ -181,8 +186,10 @@ def _profile(args) -> int:
                   "matvec_max_mib": s.matvec_max_mib, "sample_s": s.sample_s},
         timestamp_utc=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         tool_version=prima_ref.__version__)
-    run.elapsed_s = round(time.perf_counter() - t_start, 2)
     run.others_busy_pct = system.others_busy_pct(cpu_start, system.cpu_times())
+    # after the busy figure: the ring's worker is a child process, which it would count
+    run.ring, run.ring_reason = _profile_ring(args, infos[0], s)
+    run.elapsed_s = round(time.perf_counter() - t_start, 2)
     if run.others_busy_pct is not None and run.others_busy_pct > BUSY_WARN_PCT:
         log(f"warning: other processes used {run.others_busy_pct:.0f}% of the CPUs during "
             f"this run; matvec and RAM figures are low by up to the share they took and more "
@@ -233,6 +240,28 @@ def _profile_model(info, threads: int, s: Settings, decode: bool = True):
             f"{time.perf_counter() - t0:.1f} s")
     return report.ModelRun(info=info, matvec=matvec, kv_copy_ms=kv, input_lookup_ms=lookup,
                            decode=steps)
+
+
+def _profile_ring(args, info, s: Settings):
+    from profiler.ring import RingUnavailable, ring_overhead
+
+    if args.no_ring:
+        return None, "--no-ring"
+    if info.profile.total_bytes > RING_MAX_GIB * 2**30:
+        return None, (f"{info.label} is over {RING_MAX_GIB:g} GiB and the loopback ring maps "
+                      "every layer; profile with a small model too (-m small.gguf first)")
+    tokens = RING_TOKENS[1 if args.quick else 0]
+    log(f"ring: 2 ranks on loopback, 1 thread each, -lw 0,1 ({info.profile.n_layers} windows "
+        f"a token), {tokens} tokens x {s.repeats} ...")
+    try:
+        r = ring_overhead(info.path, tokens=tokens, repeats=s.repeats,
+                          max_bytes=s.matvec_max_mib << 20, min_seconds=s.sample_s)
+    except RingUnavailable as e:
+        log(f"ring: {e}")
+        return None, str(e)
+    log(f"ring: {r.window_ms.fmt(3)} ms CPU per window beyond its layer, rank 0 "
+        f"{r.round_ms.fmt(3)} ms per round")
+    return r, ""
 
 
 def _profile_disk(args, info, s: Settings):

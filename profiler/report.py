@@ -1,6 +1,6 @@
 """What a run produces: the device-profile JSON that prima-plan reads, and tables for people.
 
-The JSON is planner.profiles' "prima-ref/device-profile", schema_version 2 (planner/README.md).
+The JSON is planner.profiles' "prima-ref/device-profile", schema_version 3 (planner/README.md).
 Fields the planner reads carry the means; everything else (std, samples' settings, the
 models' figures, which method measured what, hostname, timestamp, tool version) goes under
 "extra", with the unit in every field name as in the planner's fields.
@@ -17,6 +17,7 @@ from profiler.disk import DiskResult, DiskTarget
 from profiler.gpu import GpuInfo
 from profiler.model import ModelInfo, model_summary, ms_per_layer
 from profiler.network import NetworkResult
+from profiler.ring import RingResult, ring_entry, ring_extra
 from profiler.stats import Stat
 from profiler.system import CpuCores, MemoryInfo
 
@@ -69,6 +70,8 @@ class DeviceRun:
     tool_version: str = ""
     elapsed_s: float = 0.0
     others_busy_pct: float | None = None  # CPU other processes used during the run
+    ring: RingResult | None = None  # the ring runtime's own cost (None: not measured)
+    ring_reason: str = ""  # why not
 
 
 def device_profile(run: DeviceRun) -> dict:
@@ -98,6 +101,8 @@ def device_profile(run: DeviceRun) -> dict:
         "network": {"latency_ms": net.latency_ms.mean if net else ASSUMED_LATENCY_MS,
                     "bandwidth_gbps": net.bandwidth_gbps.mean if net
                     else ASSUMED_BANDWIDTH_GBPS},
+        "ring": (ring_entry(run.ring, run.models[0].info.profile.name)
+                 if run.ring is not None else None),
         "extra": _extra(run, matvec),
     }
 
@@ -144,6 +149,8 @@ def _extra(run: DeviceRun, matvec: dict[str, MatvecResult]) -> dict:
         "disk": _disk_extra(run),
         "gpu": _gpu_extra(run),
         "network": _network_extra(run.network),
+        "ring": (ring_extra(run.ring) if run.ring is not None
+                 else {"measured": False, "reason": run.ring_reason}),
         "models": [_model_extra(m) for m in run.models],
     }
 
@@ -297,6 +304,14 @@ def device_table(run: DeviceRun, digits: int = 2) -> str:
         row("-", f"network latency ms (one way, to {n.peer})", n.latency_ms.fmt(3), 1)
         row("-", f"network GB/s ({_size(n.bulk_message_bytes)} messages)",
             n.bandwidth_gbps.fmt(3), 1)
+    if run.ring is not None:
+        r = run.ring
+        row(run.models[0].info.label, f"ring CPU ms per window beyond its layers (loopback, "
+            f"{r.k} windows a token)", r.window_ms.fmt(3))
+        row(run.models[0].info.label, "ring CPU ms per round on rank 0 beyond its head",
+            r.round_ms.fmt(3))
+    else:
+        row("-", "ring", f"not measured: {run.ring_reason}", "-")
     if run.others_busy_pct is not None:
         row("-", "CPU used by other processes during the run %", f"{run.others_busy_pct:.0f}",
             "-")

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,32 +12,13 @@ from pathlib import Path
 
 import numpy as np
 
+from prima_ref.ring.launch import free_port_base  # noqa: F401  (the tests import it from here)
 from prima_ref.ring.topology import Layout, make_plan
 
 PROMPT = ("The quick brown fox jumps over the lazy dog. Once upon a time, in a small village by "
           "the sea, there lived")
 GEN_FLAGS = ["-c", "256", "-b", "8", "--temp", "0", "--no-display-prompt", "-t", "1"]
 ENV = {**os.environ, "GOMP_SPINCOUNT": "0"}
-
-
-def free_port_base(n: int) -> int:
-    """A base port with base..base+n-1 all free on 127.0.0.1 (ring ports are base + rank)."""
-    for _ in range(200):
-        base = random.randrange(20000, 60000 - n)
-        socks = []
-        try:
-            for p in range(base, base + n):
-                s = socket.socket()
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                s.bind(("127.0.0.1", p))
-                socks.append(s)
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no free port range")
 
 
 def write_plan(tmp_path: Path, model, sizes: list[int], *, ctx: int = 256, sha256=None) -> tuple[Path, dict]:

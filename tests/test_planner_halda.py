@@ -61,6 +61,9 @@ def device_entry(draw, i, layer_gib, n_layers):
              "link_latency_ms": draw(_speed(0, 10)), "link_gbps": draw(_speed(0.001, 1))}
     if os_name == "android":
         entry["swappable_gib"] = draw(_speed(0, 2)) * layer_gib
+    if draw(st.booleans()):  # the ring runtime's own work: a worker's per window, rank 0's
+        entry["ring_window_ms"] = draw(_speed(0, 5))
+        entry["ring_round_ms"] = draw(_speed(0, 5))
     gpu_kind = {"linux": "cuda", "windows": "cuda", "macos": "metal"}.get(os_name)
     if gpu_kind and draw(st.booleans()):
         reserve = latency.CUDA_RESERVE_GIB if gpu_kind == "cuda" else latency.METAL_RESERVE_GIB

@@ -71,7 +71,7 @@ _DELETE = object()
     ("memory.read_gbps", "fast", "field 'memory.read_gbps': expected a finite number"),
     ("disk.seq_read_gbps", 0, "field 'disk.seq_read_gbps': expected a number > 0"),
     ("os", "beos", "field 'os': expected one of linux, macos, android, windows"),
-    ("schema_version", 3, "field 'schema_version': this prima-plan reads version 1 or 2"),
+    ("schema_version", 4, "field 'schema_version': this prima-plan reads version 1 or 2 or 3"),
     ("memory.availabe_gib", 3, "unknown field 'memory.availabe_gib'"),
     ("gpu.has_metal", True, "field 'gpu.is_cuda': exactly one of is_cuda and has_metal"),
     ("memory.available_gib", 99, "field 'memory.available_gib': 99.0 GiB available exceeds"),
@@ -300,3 +300,49 @@ def test_decode_entries_in_a_v1_profile_are_an_unknown_field(tmp_path):
     doc["cpu"]["decode"] = []
     with pytest.raises(ProfileError, match="unknown field 'cpu.decode'"):
         load_devices([write(tmp_path, "v1.json", doc)])
+
+
+# ---------------------------------------------------------------------------------------------
+# Schema v3: the ring runtime's own CPU work per window (ring) joins the hop term
+
+
+def _ring_doc(**over):
+    doc = valid_device()
+    doc["schema_version"] = 3
+    doc["ring"] = {"window_ms": 0.4, "round_ms": 0.3, "n_embd": 512, "model": "m",
+                   "n_threads": 1, **over}
+    return doc
+
+
+def test_ring_cost_adds_to_a_workers_hop_per_window_and_to_rank0s_per_round(tmp_path):
+    model = llama_like("m", n_layers=8, n_embd=512, n_ff=1024, n_head=8, n_head_kv=8,
+                       n_vocab=1000, qtype="Q4_K")
+    (plain,) = load_devices([write(tmp_path, "v1.json", valid_device())])
+    (ring,) = load_devices([write(tmp_path, "v3.json", _ring_doc())])
+    assert plain.ring is None and ring.ring.window_ms == 0.4
+    network = latency.hop_ms(plain, model)
+    assert latency.hop_ms(ring, model) == pytest.approx(network + 0.4)
+    assert latency.hop_ms(ring, model, is_rank0=True) == pytest.approx(network + 0.3)
+    costs = latency.device_costs([ring, ring], model, 64)
+    assert [c.hop_ms for c in costs] == pytest.approx([network + 0.3, network + 0.4])
+    # k rounds of a 2-device ring: k windows on each, each with its hop
+    split = latency.Split(k=2, w=(2, 2), n=(0, 0))
+    pred = latency.predict(costs, split, 1.0)
+    assert pred.terms_ms["hop"] == pytest.approx(2 * (2 * network + 0.7))
+
+
+@pytest.mark.parametrize("over, message", [
+    ({"window_ms": -1}, "field 'ring.window_ms': expected a number >= 0"),
+    ({"n_embd": 0}, "field 'ring.n_embd': expected an integer >= 1"),
+    ({"window_msec": 1}, "unknown field 'ring.window_msec'"),
+])
+def test_bad_ring_entry_names_the_field(tmp_path, over, message):
+    with pytest.raises(ProfileError, match=message):
+        load_devices([write(tmp_path, "bad.json", _ring_doc(**over))])
+
+
+def test_ring_in_a_v2_profile_is_an_unknown_field(tmp_path):
+    doc = _ring_doc()
+    doc["schema_version"] = 2
+    with pytest.raises(ProfileError, match="unknown field 'ring'"):
+        load_devices([write(tmp_path, "v2.json", doc)])

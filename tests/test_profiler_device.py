@@ -318,6 +318,25 @@ def test_quick_profile_holds_decode_steps_the_planner_uses(quick_run, smollm2_pa
     assert [(m["types"], m["n_layers"]) for m in mixes] == [(["F32", "Q4_1"], 30)]
 
 
+def test_quick_profile_holds_the_ring_cost_the_planner_adds_to_each_hop(quick_run,
+                                                                          smollm2_path):
+    """profile-tool ran a real 2-rank loopback ring (-lw 0,1: one window per layer); its
+    figures reach the planner's hop term, a worker's per window and rank 0's per round."""
+    from planner import latency
+    from planner.model_profile import profile_from_gguf
+
+    [device] = load_devices([quick_run["path"]])
+    model = profile_from_gguf(smollm2_path, with_sha256=False)
+    ring, extra = quick_run["json"]["ring"], quick_run["json"]["extra"]["ring"]
+    assert extra["n_windows_per_token"] == 30 and len(extra["window_ms_samples"]) == 3
+    assert ring["n_embd"] == 576 and device.ring.window_ms == ring["window_ms"] >= 0
+    network = device.network.latency_ms + (4 * 576 + latency.ACTIVATION_HEADER_BYTES) / (
+        device.network.bandwidth_gbps * 1e6)
+    assert latency.hop_ms(device, model) == pytest.approx(network + ring["window_ms"])
+    assert latency.hop_ms(device, model, True) == pytest.approx(network + ring["round_ms"])
+    assert "ring CPU ms per window" in quick_run["stdout"]
+
+
 def test_layer_mixes_group_every_layer_of_a_mixed_file(gemma3_path):
     from prima_ref.gguf_file import GGUFModel
     from profiler.decode import layer_mixes

@@ -14,8 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -34,6 +36,26 @@ from prima_ref.ring.topology import (
 )
 
 EXIT_GRACE_S = 8.0  # workers leave on STOP at once, or after rank 0's silence (5 s)
+
+
+def free_port_base(n: int) -> int:
+    """A base port with base..base+n-1 all free on 127.0.0.1 (ring ports are base + rank)."""
+    for _ in range(200):
+        base = random.randrange(20000, 60000 - n)
+        socks = []
+        try:
+            for p in range(base, base + n):
+                s = socket.socket()
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                s.bind(("127.0.0.1", p))
+                socks.append(s)
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no free port range on 127.0.0.1")
 
 
 def cli_command(model, plan_path, rank: int, extra=()) -> list[str]:

