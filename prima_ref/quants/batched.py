@@ -15,8 +15,9 @@ one call, gate/up with the activation in another, residual adds inside) for n <=
 Row t of every result is bit-identical to the one-row fused kernel on row t alone: each row
 is quantized by the same code, and each (weight row, token) dot keeps ``legacy``'s row dot
 arithmetic exactly: the same accumulators fed the same blocks in the same order, the same f16
-scales, one reduction at the end. Only the loop nest differs: a group of 8 blocks is unpacked
-once, then every token's accumulators (in a small per-thread scratch) take those 8 blocks.
+scales, one reduction at the end in the same order. Only the loop nest differs: a group of 8
+blocks is unpacked once, then every token's accumulators (in a small per-thread scratch) take
+those 8 blocks; the final horizontal sums run across the 8 tokens at once.
 So greedy output per slot does not depend on how many slots share a step.
 
 ``kernels(qtype)`` gives a type's pair, compiled on first use (a server loads the types its
@@ -30,7 +31,7 @@ import numpy as np
 from gguf.constants import GGMLQuantizationType as T
 from llvmlite import ir
 from numba import njit, prange
-from numba.core import types
+from numba.core import cgutils, types
 from numba.extending import intrinsic
 
 from prima_ref.model.ops import rms_norm
@@ -40,15 +41,14 @@ from prima_ref.quants.simd import (
     F32x8,
     _f32_ptr,
     _is_f32_1d,
+    _mask,
     _quantize_rows_q8,
     dot_u8i8_i32x8,
     f32x8_zero,
     fma_f32x8,
     fma_i32x8,
     has_vnni,
-    hsum_f32x8,
     i32x8_zero,
-    lane_f32x8,
     load_f16,
     load_f16x8_strided,
     load_f32x8,
@@ -64,10 +64,10 @@ _VNNI = has_vnni()
 
 # per-thread scratch, float32: per token an (8-lane acc0, acc1, min offsets) triple, then
 # per token the scalar min offset of the tail blocks and two result slots
-# (uint64: Numba types int64 + uint64 as float64)
+# (uint64: Numba types int64 + uint64 as float64); then 8 block scales of the current token
 _ACC_STRIDE = 24
-SCRATCH = MAX_ROWS * (_ACC_STRIDE + 3)
-_OFF, _OUT_A, _OUT_B = (np.uint64(MAX_ROWS * (_ACC_STRIDE + k)) for k in range(3))
+SCRATCH = MAX_ROWS * (_ACC_STRIDE + 4)
+_OFF, _OUT_A, _OUT_B, _SC = (np.uint64(MAX_ROWS * (_ACC_STRIDE + k)) for k in range(4))
 U0, U1, U8, U16, U24 = (np.uint64(i) for i in (0, 1, 8, 16, _ACC_STRIDE))
 UQK = np.uint64(L.QK)
 
@@ -83,6 +83,50 @@ def store_f32x8(typingctx, out, i, v):
         return context.get_dummy_value()
 
     return types.none(out, i, v), codegen
+
+
+@intrinsic
+def hsum_f32x8_tokens(typingctx, s, a, stride):
+    """Lane t = hsum_f32x8(s[a + t * stride : ... + 8]) for t < 8, summed in hsum_f32x8's
+    order ((0 + l0) + l1) ... + l7: eight horizontal sums as one 8x8 transpose and 8 adds."""
+    if not (_is_f32_1d(s) and isinstance(a, types.Integer) and isinstance(stride, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        vty = ir.VectorType(ir.FloatType(), 8)
+        base = context.cast(builder, args[1], sig.args[1], types.int64)
+        step = context.cast(builder, args[2], sig.args[2], types.int64)
+        data = cgutils.create_struct_proxy(sig.args[0])(context, builder, value=args[0]).data
+        v = []
+        for t in range(8):
+            off = builder.add(base, builder.mul(step, ir.Constant(ir.IntType(64), t)))
+            v.append(builder.load(builder.bitcast(builder.gep(data, [off]), vty.as_pointer()),
+                                  align=4))
+
+        def shuf(x, y, idx):
+            return builder.shuffle_vector(x, y, _mask(idx))
+
+        lo, hi = [0, 8, 1, 9, 4, 12, 5, 13], [2, 10, 3, 11, 6, 14, 7, 15]
+        t = [shuf(v[i], v[i + 1], m) for i in range(0, 8, 2) for m in (lo, hi)]
+        even, odd = [0, 1, 8, 9, 4, 5, 12, 13], [2, 3, 10, 11, 6, 7, 14, 15]
+        tt = [shuf(t[i], t[i + 2], m) for i in (0, 1, 4, 5) for m in (even, odd)]
+        low, high = [0, 1, 2, 3, 8, 9, 10, 11], [4, 5, 6, 7, 12, 13, 14, 15]
+        cols = [None] * 8  # cols[i] = lane i of every token's vector
+        for k in range(4):
+            cols[k], cols[k + 4] = shuf(tt[k], tt[k + 4], low), shuf(tt[k], tt[k + 4], high)
+        total = ir.Constant(vty, None)
+        for c in cols:
+            total = builder.fadd(total, c)
+        return total
+
+    return F32x8(s, a, stride), codegen
+
+
+@intrinsic
+def add_f32x8(typingctx, a, b):
+    if (a, b) != (F32x8, F32x8):
+        return None
+    return F32x8(a, b), lambda context, builder, sig, args: builder.fadd(*args)
 
 
 # --- activations: fused._prepare, row by row -----------------------------------------------------
@@ -109,7 +153,7 @@ def _prepare_rows(xs, norm_w, eps):
     return qx.reshape(-1), dx.reshape(-1), dsx.reshape(-1), nls.reshape(-1)
 
 
-# --- one weight row against n tokens ---------------------------------------------------------------
+# --- one weight row against n tokens ------------------------------------------------------------
 
 
 @njit(cache=True, inline="always")
@@ -124,18 +168,20 @@ def _tok_block(kind, u, qx, nls, i, scale, acc):
 
 
 @njit(cache=True, inline="always")
-def _tok_group(kind, us, qx, nls, i, sc, s, a):
+def _tok_group(kind, us, qx, nls, i, s, a):
     """Token accumulators at s[a:a+16] += 8 blocks us (legacy._row_dot_vnni's loop body:
-    acc0 takes the even blocks, acc1 the odd ones, each its lane of the scales sc)."""
+    acc0 takes the even blocks, acc1 the odd ones, each its scale from s[_SC:_SC+8], read
+    back one at a time: a broadcast load, where taking a vector lane costs a shuffle)."""
     acc0, acc1 = load_f32x8(s, a), load_f32x8(s, a + U8)
-    acc0 = _tok_block(kind, us[0], qx, nls, i, lane_f32x8(sc, 0), acc0)
-    acc1 = _tok_block(kind, us[1], qx, nls, i + U1, lane_f32x8(sc, 1), acc1)
-    acc0 = _tok_block(kind, us[2], qx, nls, i + np.uint64(2), lane_f32x8(sc, 2), acc0)
-    acc1 = _tok_block(kind, us[3], qx, nls, i + np.uint64(3), lane_f32x8(sc, 3), acc1)
-    acc0 = _tok_block(kind, us[4], qx, nls, i + np.uint64(4), lane_f32x8(sc, 4), acc0)
-    acc1 = _tok_block(kind, us[5], qx, nls, i + np.uint64(5), lane_f32x8(sc, 5), acc1)
-    acc0 = _tok_block(kind, us[6], qx, nls, i + np.uint64(6), lane_f32x8(sc, 6), acc0)
-    acc1 = _tok_block(kind, us[7], qx, nls, i + np.uint64(7), lane_f32x8(sc, 7), acc1)
+    c = _SC
+    acc0 = _tok_block(kind, us[0], qx, nls, i, s[c], acc0)
+    acc1 = _tok_block(kind, us[1], qx, nls, i + U1, s[c + U1], acc1)
+    acc0 = _tok_block(kind, us[2], qx, nls, i + np.uint64(2), s[c + np.uint64(2)], acc0)
+    acc1 = _tok_block(kind, us[3], qx, nls, i + np.uint64(3), s[c + np.uint64(3)], acc1)
+    acc0 = _tok_block(kind, us[4], qx, nls, i + np.uint64(4), s[c + np.uint64(4)], acc0)
+    acc1 = _tok_block(kind, us[5], qx, nls, i + np.uint64(5), s[c + np.uint64(5)], acc1)
+    acc0 = _tok_block(kind, us[6], qx, nls, i + np.uint64(6), s[c + np.uint64(6)], acc0)
+    acc1 = _tok_block(kind, us[7], qx, nls, i + np.uint64(7), s[c + np.uint64(7)], acc1)
     store_f32x8(s, a, acc0)
     store_f32x8(s, a + U8, acc1)
 
@@ -171,7 +217,8 @@ def _row_dots_vnni(kind, row, qx, dx, dsx, nls, n_tok, n_blocks, s, out):
             i, a = t * n_blocks + b, t * U24
             if L._MIN[kind]:
                 store_f32x8(s, a + U16, fma_f32x8(m8, load_f32x8(dsx, i), load_f32x8(s, a + U16)))
-            _tok_group(kind, us, qx, nls, i, mul_f32x8(d8, load_f32x8(dx, i)), s, a)
+            store_f32x8(s, _SC, mul_f32x8(d8, load_f32x8(dx, i)))
+            _tok_group(kind, us, qx, nls, i, s, a)
     for b in range(n_wide, n_blocks):  # the tail goes to acc0, scalar scales and offsets
         o = b * bb
         u, d = L._block_vnni(kind, row, o), load_f16(row, o)
@@ -181,12 +228,12 @@ def _row_dots_vnni(kind, row, qx, dx, dsx, nls, n_tok, n_blocks, s, out):
             store_f32x8(s, a, _tok_block(kind, u, qx, nls, i, d * dx[i], load_f32x8(s, a)))
             if L._MIN[kind]:
                 s[_OFF + t] += m * dsx[i]
-    for t in range(U0, n_tok, U1):
-        a = t * U24
-        v = hsum_f32x8(load_f32x8(s, a)) + hsum_f32x8(load_f32x8(s, a + U8))
-        if L._MIN[kind]:
-            v = v + (hsum_f32x8(load_f32x8(s, a + U16)) + s[_OFF + t])
-        s[out + t] = v
+    # every token's hsum(acc0) + hsum(acc1) (+ (hsum(offs) + off)) at once, lane t: token t
+    # (tokens past n_tok add up stale scratch, never read)
+    v = add_f32x8(hsum_f32x8_tokens(s, U0, U24), hsum_f32x8_tokens(s, U8, U24))
+    if L._MIN[kind]:
+        v = add_f32x8(v, add_f32x8(hsum_f32x8_tokens(s, U16, U24), load_f32x8(s, _OFF)))
+    store_f32x8(s, out, v)
 
 
 @njit(cache=True, inline="always")
@@ -199,13 +246,21 @@ def _row_dots_portable(kind, row, qx, dx, dsx, nls, n_tok, n_blocks, s, out):
                                          dsx[x : x + n_blocks], nls[n : n + n_in // np.uint64(4)])
 
 
-# --- the kernels, per type --------------------------------------------------------------------------
+# --- the kernels, per type ----------------------------------------------------------------------
+
+
+@njit(cache=True, inline="always")
+def _row_dots(kind, vnni, row, qx, dx, dsx, nls, n_tok, n_blocks, s, out):
+    if vnni:  # a literal: the other branch is pruned, never compiled
+        _row_dots_vnni(kind, row, qx, dx, dsx, nls, n_tok, n_blocks, s, out)
+    else:
+        _row_dots_portable(kind, row, qx, dx, dsx, nls, n_tok, n_blocks, s, out)
 
 
 def _compile(kind: int, vnni: bool):
-    """The two kernels for one type (kind a closure constant: legacy's per-kind tables need a
-    literal); the VNNI ones only where the CPU has it."""
-    row_dots = _row_dots_vnni if vnni else _row_dots_portable
+    """The two kernels for one type (kind and vnni closure constants: legacy's per-kind
+    tables need a literal, and Numba's cache keys on closure values, so they must be plain
+    numbers); the VNNI ones only where the CPU has it."""
 
     @njit(cache=True, parallel=True)
     def group(raws, xs, norm_w, eps, residual, ys, n_threads):
@@ -217,13 +272,14 @@ def _compile(kind: int, vnni: bool):
         for m in range(n_mat):
             starts[m + 1] = starts[m] + raws[m].shape[0]
         add = residual.shape[0] > 0
-        scratch = np.empty((n_threads, SCRATCH), np.float32)
+        scratch = np.zeros((n_threads, SCRATCH), np.float32)
         for r in prange(starts[n_mat]):
             m = 0
             while r >= starts[m + 1]:
                 m += 1
             s = scratch[numba.get_thread_id()]
-            row_dots(kind, raws[m][r - starts[m]], qx, dx, dsx, nls, n_tok, n_blocks, s, _OUT_A)
+            row = raws[m][r - starts[m]]
+            _row_dots(kind, vnni, row, qx, dx, dsx, nls, n_tok, n_blocks, s, _OUT_A)
             for t in range(U0, n_tok, U1):
                 v = s[_OUT_A + t]
                 ys[t, r] = residual[t, r] + v if add else v
@@ -233,11 +289,11 @@ def _compile(kind: int, vnni: bool):
         n_tok = np.uint64(xs.shape[0])
         n_blocks = np.uint64(xs.shape[1] // L.QK)
         qx, dx, dsx, nls = _prepare_rows(xs, norm_w, eps)
-        scratch = np.empty((n_threads, SCRATCH), np.float32)
+        scratch = np.zeros((n_threads, SCRATCH), np.float32)
         for r in prange(raw_g.shape[0]):
             s = scratch[numba.get_thread_id()]
-            row_dots(kind, raw_g[r], qx, dx, dsx, nls, n_tok, n_blocks, s, _OUT_A)
-            row_dots(kind, raw_u[r], qx, dx, dsx, nls, n_tok, n_blocks, s, _OUT_B)
+            _row_dots(kind, vnni, raw_g[r], qx, dx, dsx, nls, n_tok, n_blocks, s, _OUT_A)
+            _row_dots(kind, vnni, raw_u[r], qx, dx, dsx, nls, n_tok, n_blocks, s, _OUT_B)
             for t in range(U0, n_tok, U1):
                 out[t, r] = _activate(act, s[_OUT_A + t], s[_OUT_B + t], gelu_table)
 
@@ -269,7 +325,7 @@ def _check(xs: np.ndarray, n_in: int) -> None:
                          f"{xs.dtype} {xs.shape}")
 
 
-def group(kind: int, raws: tuple, xs: np.ndarray, norm_w=None, eps=np.float32(0),
+def group(kind: int, raws: tuple, xs: np.ndarray, norm_w=None, eps=0.0,
           residual=None, vnni: bool | None = None) -> np.ndarray:
     """ys (n, sum of the matrices' rows): every matrix of raws (read-only views of one type)
     times every row of xs, after an RMS norm by norm_w when given, plus residual (n, ...)
