@@ -217,11 +217,10 @@ def report(results: list[dict], args, load_start: list[str], load_end: tuple, co
                      f"{int(n) * c1 / costs[n]:.2f}x |")
     lines += ["", f"Sampling one token at the default chain: {costs['Sampler']:.2f} ms with "
               f"prima_ref.sampling.Sampler (full-vocabulary sort), {costs['FastSampler']:.2f} ms "
-              "with the server's FastSampler (same draws). The legacy-quant matmul pads a batch "
-              "to 8 token lanes (prima_ref/quants/legacy.py TOKEN_LANES), so 2 to 8 rows cost "
-              "about what 8 do: the batching gain appears at 8 clients; at 4 it needs a "
-              "small-batch kernel. The server times these forwards at startup and steps 2 or 3 "
-              "rows one by one where that is cheaper (its log and /health show the choice)."]
+              "with the server's FastSampler (same draws). A step of 2 to 8 rows goes through "
+              "the batched decode kernels (prima_ref/quants/batched.py: each weight block "
+              "unpacked once for every row, each row bit-equal to a one-row step), so every "
+              "active slot shares one forward (/health: decode_batched)."]
     lines += ["", "Per-token latency is the gap between consecutive content chunks of one "
               "stream (one token each, except where a UTF-8 character or a stop-string prefix "
               "is held back). 'Rows per decode step' is how many requests shared each batched "

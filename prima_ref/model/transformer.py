@@ -13,7 +13,7 @@ import numpy as np
 
 from prima_ref.model import ops
 from prima_ref.model.config import ModelConfig
-from prima_ref.quants import QuantKernels, fused, kernels, legacy
+from prima_ref.quants import QuantKernels, batched, fused, kernels, legacy
 
 _EMPTY_F32 = np.zeros(0, np.float32)  # "no norm" / "no residual" for the fused kernels
 _GELU_TABLE_F32 = ops.GELU_TABLE_F32
@@ -30,6 +30,8 @@ class Weight:
         """x (n_tokens, n_in) -> (n_tokens, n_out)."""
         if x.shape[0] == 1:
             return self.kern.matvec(self.rows, x[0])[None, :]
+        if _few_rows(x) and self.qtype in batched.LEGACY_KINDS:
+            return batched.group(self.qtype, (_readonly(self.rows),), _c(x))
         if _rows_alone():
             return np.stack([self.kern.matvec(self.rows, row) for row in x])
         return self.kern.matmul(self.rows, x)
@@ -72,9 +74,27 @@ def _weight(model, name: str, shape: tuple[int, int] | None = None) -> Weight:
     return Weight(name, kernels(info.qtype), model.tensor_rows(name), int(info.qtype))
 
 
+def _few_rows(x: np.ndarray) -> bool:
+    """2..batched.MAX_ROWS rows: a decode step of several slots, for the batched kernels (each
+    row bit-equal to a one-row pass, so row_by_row holds too)."""
+    return 2 <= x.shape[0] <= batched.MAX_ROWS
+
+
+def _c(x: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def _batch_kind(weights) -> int | None:
+    """The legacy type all weights share, which the batched kernels take in one call."""
+    kinds = {w.qtype for w in weights}
+    return kinds.pop() if len(kinds) == 1 and kinds <= batched.LEGACY_KINDS else None
+
+
 def _products(weights: tuple[Weight, ...], h: np.ndarray) -> list[np.ndarray]:
     """Each weight times h (n_tokens, n_in); legacy-quant matrices share one int8 activation
     preparation in prefill (the same floats as preparing it per matrix)."""
+    if _few_rows(h):
+        return [w(h) for w in weights]
     if h.shape[0] > 1 and all(w.fusable for w in weights) and not _rows_alone():
         act = legacy.prepare_activations(h)
         return [legacy.matmul_prepared(w.qtype, w.rows, act) for w in weights]
@@ -107,6 +127,28 @@ class DecodePlan:
         self.down_kinds = np.array([layer.w_down.qtype], np.int64)
         self.act = fused.ACT_GELU if cfg.ffn_act == "gelu" else fused.ACT_SILU
         self.eps = np.float32(cfg.norm_eps)
+
+
+class BatchPlan:
+    """How one layer's decode step of 2..batched.MAX_ROWS rows (one token per server slot)
+    multiplies its matrices: DecodePlan's fusion with the batched kernels, each weight block
+    read once for all rows. A kind is None where the matrices do not share a legacy type;
+    those products go one matrix at a time (Weight.__call__)."""
+
+    def __init__(self, layer: "Layer"):
+        qkv = (layer.wq, layer.wk, layer.wv)
+        self.qkv = _batch_kind(qkv)
+        self.qkv_rows = tuple(_readonly(w.rows) for w in qkv)
+        self.qkv_split = tuple(int(v) for v in np.cumsum([w.rows.shape[0] for w in qkv])[:2])
+        self.wo = _batch_kind((layer.wo,))
+        self.wo_rows = (_readonly(layer.wo.rows),)
+        self.ffn = _batch_kind((layer.w_gate, layer.w_up))
+        self.down = _batch_kind((layer.w_down,))
+        self.down_rows = (_readonly(layer.w_down.rows),)
+
+    @property
+    def complete(self) -> bool:
+        return None not in (self.qkv, self.wo, self.ffn, self.down)
 
 
 def _vector(model, name: str) -> np.ndarray:
@@ -145,6 +187,7 @@ class Layer:
         self.post_attn_norm = _vector(model, p + "post_attention_norm.weight") if cfg.post_norms else None
         self.post_ffn_norm = _vector(model, p + "post_ffw_norm.weight") if cfg.post_norms else None
         self.decode = DecodePlan(self, cfg)
+        self.batch = BatchPlan(self)
 
 
 class KVCache:
@@ -280,6 +323,10 @@ class Transformer:
             y = y[None, :]
             a, b = plan.qkv_split
             return y[:, :a], y[:, a:b], y[:, b:]
+        if _few_rows(x) and w.batch.qkv is not None:
+            y = batched.group(w.batch.qkv, w.batch.qkv_rows, _c(x), w.attn_norm, plan.eps)
+            a, b = w.batch.qkv_split
+            return _c(y[:, :a]), _c(y[:, a:b]), _c(y[:, b:])
         return _products((w.wq, w.wk, w.wv), self._norm(x, w.attn_norm))
 
     def _attn_out(self, w: Layer, x: np.ndarray, att: np.ndarray) -> np.ndarray:
@@ -289,6 +336,8 @@ class Transformer:
             y = np.empty_like(x)
             fused.matvec_group(plan.wo, plan.wo_kinds, att[0], _EMPTY_F32, plan.eps, x[0], y[0])
             return y
+        if _few_rows(x) and w.batch.wo is not None and not self.cfg.post_norms:
+            return batched.group(w.batch.wo, w.batch.wo_rows, _c(att), residual=_c(x))
         out = w.wo(att)
         if self.cfg.post_norms:
             out = self._norm(out, w.post_attn_norm)
@@ -301,6 +350,9 @@ class Transformer:
             gate = np.empty((1, w.w_gate.rows.shape[0]), np.float32)
             fused.ffn_gate_up(plan.gate_rows, w.w_gate.qtype, plan.up_rows, w.w_up.qtype, x[0], w.ffn_norm, plan.eps, plan.act,
                               _GELU_TABLE_F32, gate[0])
+        elif _few_rows(x) and w.batch.ffn is not None:
+            gate = batched.gate_up(w.batch.ffn, plan.gate_rows, plan.up_rows, _c(x), w.ffn_norm,
+                                   plan.eps, plan.act, _GELU_TABLE_F32)
         else:
             gate, up = _products((w.w_gate, w.w_up), self._norm(x, w.ffn_norm))
             if self.cfg.ffn_act == "gelu":
@@ -311,6 +363,8 @@ class Transformer:
             y = np.empty_like(x)
             fused.matvec_group(plan.down, plan.down_kinds, gate[0], _EMPTY_F32, plan.eps, x[0], y[0])
             return y
+        if _few_rows(x) and w.batch.down is not None and not self.cfg.post_norms:
+            return batched.group(w.batch.down, w.batch.down_rows, gate, residual=_c(x))
         out = w.w_down(gate)
         if self.cfg.post_norms:
             out = self._norm(out, w.post_ffn_norm)
@@ -342,6 +396,13 @@ class Transformer:
                       None if slots is None else cache.rows(np.zeros_like(slots), slots))
         x = self._attn_out(w, x, att.reshape(n_tok, -1))
         return self._ffn(w, x)
+
+    @property
+    def batched_decode(self) -> bool:
+        """Whether a decode step of 2..batched.MAX_ROWS rows runs every product through the
+        batched kernels (each row then bit-equal to a one-row step, and cheaper than one)."""
+        head = not hasattr(self, "output") or self.output.qtype in batched.LEGACY_KINDS
+        return head and all(layer.batch.complete for layer in self.layers.values()) and not self.gpu
 
     # -- output --------------------------------------------------------------------------------
 

@@ -269,6 +269,7 @@ def build_app(state: State, cors_origins: list[str] | None = None) -> Starlette:
             return JSONResponse({"status": "error", "error": state.scheduler.failure}, status_code=503)
         return JSONResponse({"status": "ok", "slots_busy": state.scheduler.busy_slots(),
                              "slots": state.scheduler.n_slots, **state.scheduler.stats,
+                             "decode_batched": state.scheduler.batched,
                              "decode_ms_by_rows": {str(n): round(t * 1e3, 2) for n, t in
                                                    sorted(state.scheduler.step_s.items())}})
 

@@ -3,8 +3,11 @@
 Requests wait in a queue until a slot is free. Each turn of the loop evaluates one prompt
 chunk (at most n_batch tokens) of one request that is still reading its prompt, then one
 decode step for every request that is generating: their next tokens go through the model as
-one batch (one forward, one pass round a ring), unless stepping them one by one has measured
-cheaper at startup (see Scheduler._split). A request whose client went away is dropped
+one batch (one forward, one pass round a ring). Where the model's matrices have batched decode
+kernels (prima_ref.quants.batched: legacy quants, up to 8 rows) each row of that batch is
+bit-equal to a one-row step, so a request's greedy answer does not depend on its neighbours;
+for other types the server times 1..N-row forwards at startup and steps rows one by one where
+that measured cheaper (see Scheduler._split). A request whose client went away is dropped
 at the next turn and its slot is free again.
 
 Events go back to the HTTP side through `Job.emit` (thread-safe): ("text", str) pieces, then
@@ -22,6 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from prima_ref.quants import batched
 from prima_ref.sampling import Sampler
 from prima_ref.tokenizer import StreamDecoder
 
@@ -73,7 +77,11 @@ class Scheduler:
         self.failure: str | None = None  # set when the engine cannot serve any more
         self.stats = {"decode_steps": 0, "decode_rows": 0, "prompt_chunks": 0}
         self.step_s: dict[int, float] = {}  # wall time of a decode forward, by row count
-        if calibrate and self.n_slots > 1:
+        self.batched = bool(getattr(engine.model, "batched_decode", False))
+        if self.n_slots > 1 and self.batched:
+            log(f"decode steps: all active slots in one batched forward (up to "
+                f"{batched.MAX_ROWS} rows, each bit-equal to a one-row step)")
+        elif calibrate and self.n_slots > 1:
             self._calibrate()
         self._thread = threading.Thread(target=self._run, name="prima-scheduler", daemon=True)
         self._thread.start()
@@ -282,9 +290,10 @@ class Scheduler:
             + (f"; {split} rows go one by one (cheaper)" if split else ""))
 
     def _split(self, n_rows: int) -> bool:
-        """Step the rows one by one where that measured cheaper than one batch of them: a
-        batched product can cost more than its rows alone (the legacy-quant matmul pads a
-        batch to 8 token lanes, so 2 rows cost about what 8 do)."""
+        """Step the rows one by one where that measured cheaper than one batch of them: for
+        types without batched decode kernels a batched product can cost more than its rows
+        alone (a matmul that pads a batch to 8 token lanes costs about the same for 2 rows as
+        for 8)."""
         if n_rows == 1 or n_rows not in self.step_s:
             return False
         return n_rows * self.step_s[1] < self.step_s[n_rows]
