@@ -5,7 +5,7 @@ multiple of 16) and tokens (not a multiple of 8), and the sums are llama.cpp's."
 import numpy as np
 import pytest
 from gguf.constants import GGMLQuantizationType as T
-from test_quants import llama_products, llama_x_values, gguf_dequant, random_rows, realistic_rows
+from test_quants import gguf_dequant, llama_products, llama_x_values, random_rows, realistic_rows
 
 from prima_ref.quants import kernels, legacy, tiled
 from prima_ref.quants.layouts import LAYOUTS

@@ -38,7 +38,8 @@ W_BYTES = ROWS * QK  # repacked quants of one block of 16 rows
 
 _I1, _I8, _I16, _I32, _I64 = (ir.IntType(n) for n in (1, 8, 16, 32, 64))
 _F32 = ir.FloatType()
-_V16I32, _V16F32, _V16I16 = ir.VectorType(_I32, 16), ir.VectorType(_F32, 16), ir.VectorType(_I16, 16)
+_V16I32, _V16F32 = ir.VectorType(_I32, 16), ir.VectorType(_F32, 16)
+_V16I16 = ir.VectorType(_I16, 16)
 _V16I1 = ir.VectorType(_I1, 16)
 
 Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 = (int(t) for t in (T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1))
