@@ -48,7 +48,11 @@ def test_int8_products_exact_for_their_quantized_x(qtype, n_tokens):
     ys = kq.KERNELS[qtype].matmul(raw, xs)
     assert ys.shape == (n_tokens, 7)
     assert nse(ys, ref) <= 1e-11
-    assert np.array_equal(kq.KERNELS[qtype].matvec(raw, xs[-1]), ys[-1])
+    one = kq.KERNELS[qtype].matvec(raw, xs[-1])
+    if n_tokens <= kq.TILED_MIN_TOKENS or qtype not in (T.Q4_K, T.Q5_K, T.Q6_K):
+        assert np.array_equal(one, ys[-1])
+    else:  # prefill's register tiles (quants/tiled.py) sum in another float32 order
+        assert nse(ys[-1], one) <= 1e-11
 
 
 @pytest.mark.parametrize("qtype", K_TYPES, ids=lambda t: t.name)

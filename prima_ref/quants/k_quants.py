@@ -47,6 +47,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from prima_ref.quants import tiled
 from prima_ref.quants.layouts import LAYOUTS, QK_K
 from prima_ref.quants.simd import q8_k_iscale, q8_k_quant, q8_k_values
 
@@ -746,6 +747,7 @@ def _row_dots(body, type_size: int, n_terms: int, n_tok: int, x_vectors: int):
 
 
 _TOKEN_GROUP = 4  # tokens per pass over a row in prefill: the row's blocks decode once
+TILED_MIN_TOKENS = 8  # above this, Q4_K/Q5_K/Q6_K go to prima_ref.quants.tiled's kernels
 
 
 def _q4_k_body(e, wp):
@@ -848,11 +850,14 @@ def _float_products(qtype: T):
 def _vnni_products(qtype: T):
     ts = LAYOUTS[qtype].type_size
     slots, (sum_lane, n_lanes, factor) = _slots(qtype), _x_sums(qtype)
+    tiled_kind = int(qtype) if int(qtype) in tiled.K_KINDS and tiled.available() else None
 
     def matmul(raw: np.ndarray, xs: np.ndarray) -> np.ndarray:
         raw = _check_raw(raw, qtype)
         xs = _check_x(xs, raw.shape[1] // ts * QK_K, qtype, 2)
         n_tokens, n_cols = xs.shape
+        if tiled_kind is not None and n_tokens > TILED_MIN_TOKENS:  # prefill: register tiles
+            return tiled.matmul_k(tiled_kind, raw, xs)
         xq = np.empty((n_tokens, n_cols), dtype=np.int8)  # (n_tokens, n_cols), slot order
         xd = np.empty((n_tokens, n_cols // QK_K), dtype=np.float32)  # (n_tokens, n_blocks)
         xb = np.empty((n_tokens, n_cols // QK_K, n_lanes), dtype=np.int32)  # (.., n_blocks, ..)

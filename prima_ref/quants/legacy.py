@@ -32,7 +32,7 @@ import numpy as np
 from gguf.constants import GGMLQuantizationType as T
 from numba import njit, prange
 
-from prima_ref.quants import QuantKernels
+from prima_ref.quants import QuantKernels, tiled
 from prima_ref.quants.layouts import LAYOUTS, QK_LEGACY
 from prima_ref.quants.simd import (
     _quantize_rows_q8,
@@ -300,6 +300,7 @@ def _row_dot_portable(kind, row, qx, dx, dsx, nls):
 # keeps the loop from being L2-bandwidth bound.
 
 ROW_TILE = 4
+TILED_MIN_TOKENS = 8  # above this many tokens, prima_ref.quants.tiled's register tiles
 TOKEN_LANES = 8  # offset sums run 8 tokens wide, the 512-bit dot 2 tokens wide
 U8 = np.uint64(8)
 
@@ -445,10 +446,18 @@ class BlockMajorQ8(NamedTuple):
     dsxb: np.ndarray  # f32 (n_blocks * padded,): Q8_1's s, the offset factor with a min
     n_tokens: int
     n_cols: int
+    dxb: np.ndarray  # f32 (n_blocks * padded,): dx (the tiled kernels, more than 8 tokens)
+    nsxb: np.ndarray  # int32 (n_blocks * padded,): -sx
+    shifted: dict  # log2(k) -> nsxb << log2(k), the tiled kernels' dot seeds, made on demand
+
+    def seeds(self, shift: int) -> np.ndarray:
+        if shift not in self.shifted:
+            self.shifted[shift] = self.nsxb << np.int32(shift)
+        return self.shifted[shift]
 
 
 @njit(cache=True, parallel=True)
-def _block_major_q8(xs, padded, qxb, dx8, dxsxb, dsxb):
+def _block_major_q8(xs, padded, qxb, dx8, dxsxb, dsxb, dxb, nsxb):
     n_tokens, n = xs.shape
     n_blocks = n // QK
     qx = np.empty((n_tokens, n), np.int8)
@@ -469,6 +478,8 @@ def _block_major_q8(xs, padded, qxb, dx8, dxsxb, dsxb):
                 dx8[i * 8 + lane] = d
             dxsxb[i] = d * np.float32(sx[t, b]) if real else np.float32(0)
             dsxb[i] = dsx[t, b] if real else np.float32(0)
+            dxb[i] = d
+            nsxb[i] = -sx[t, b] if real else 0
 
 
 def prepare_activations(xs: np.ndarray) -> BlockMajorQ8:
@@ -482,18 +493,22 @@ def prepare_activations(xs: np.ndarray) -> BlockMajorQ8:
     n_slots = n_cols // QK * padded
     act = BlockMajorQ8(np.empty(n_slots * QK, np.int8), np.empty(n_slots * 8, np.float32),
                        np.empty(n_slots, np.float32), np.empty(n_slots, np.float32),
-                       n_tokens, n_cols)
-    _block_major_q8(xs, padded, act.qxb, act.dx8, act.dxsxb, act.dsxb)
+                       n_tokens, n_cols, np.empty(n_slots, np.float32),
+                       np.empty(n_slots, np.int32), {})
+    _block_major_q8(xs, padded, act.qxb, act.dx8, act.dxsxb, act.dsxb, act.dxb, act.nsxb)
     return act
 
 
 def matmul_prepared(qtype, raw: np.ndarray, act: BlockMajorQ8) -> np.ndarray:
     """ys (n_tokens, n_rows) = xs @ W.T for activations from prepare_activations; the same
-    floats as KERNELS[qtype].matmul(raw, xs) for n_tokens > 1."""
+    floats as KERNELS[qtype].matmul(raw, xs) for n_tokens > 1. Above TILED_MIN_TOKENS
+    tokens (prefill) the register-tiled kernels of prima_ref.quants.tiled take it."""
     qtype = T(qtype)
     if _check_raw(qtype, raw) != act.n_cols:
         raise LegacyKernelInputError(
             f"{qtype.name}: activations have {act.n_cols} columns, the matrix {raw.shape}")
+    if act.n_tokens > TILED_MIN_TOKENS and tiled.available():
+        return tiled.matmul(int(qtype), raw, act)
     ys = np.empty((act.n_tokens, raw.shape[0]), np.float32)  # (n_tokens, n_rows)
     offsets = act.dsxb if HAS_MIN[int(qtype)] else act.dxsxb
     _MATMUL[int(qtype)](raw, act.qxb, act.dx8, offsets, ys)
@@ -530,6 +545,8 @@ def make_kernels(qtype: T, vnni: bool) -> QuantKernels:
         ys = np.empty((xs.shape[0], raw.shape[0]), np.float32)  # (n_tokens, n_rows)
         if xs.shape[0] == 1:  # padding one token to TOKEN_LANES would cost 8x
             ys[0] = matvec(raw, xs[0])
+        elif vnni and xs.shape[0] > TILED_MIN_TOKENS and tiled.available():
+            ys = tiled.matmul(kind, raw, prepare_activations(xs))
         elif xs.shape[0]:
             act = prepare_activations(xs)
             matmul_nb(raw, act.qxb, act.dx8, act.dsxb if HAS_MIN[kind] else act.dxsxb, ys)
