@@ -21,8 +21,7 @@ from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 from prima_ref.chat import ChatTemplateError, render_for
-from prima_ref.sampling import SamplingParams
-from prima_ref.server.sampler import FastSampler
+from prima_ref.sampling import Sampler, SamplingParams
 from prima_ref.server.scheduler import Job, log
 
 DRAIN_LIMIT_BYTES = 64 << 20  # an oversized body is read and dropped up to this, then cut
@@ -151,7 +150,7 @@ def _check_model(state: State, body) -> None:
                             f"'{state.settings.model_id}'", param="model", code="model_not_found")
 
 
-def _sampler(state: State, body) -> FastSampler:
+def _sampler(state: State, body) -> Sampler:
     d = state.settings.defaults
     if body.get("n") not in (None, 1):
         raise ApiError(400, "only n=1 is supported", param="n")
@@ -168,7 +167,7 @@ def _sampler(state: State, body) -> FastSampler:
         )
     except ValueError as err:
         raise ApiError(400, str(err)) from None
-    return FastSampler(params)
+    return Sampler(params)
 
 
 def _max_tokens(state: State, body, n_prompt: int) -> int:
