@@ -181,9 +181,11 @@ def start_times(path: Path, threads: int) -> tuple[float | None, float | None]:
 PROFILE_GROUPS = [
     ("fused q/k/v, W_o, W_down (matvec_group)", "matvec_group"),
     ("fused gate/up + activation (ffn_gate_up)", "ffn_gate_up"),
-    ("other quantized matvecs (output head; K-quant W_o/W_down)",
-     ("matvec", "_products_vnni", "_quantize_x_q8k", "quantize_x_q8", "_quantize_rows_q8")),
-    ("attention", "attention"),
+    ("K-quant W_o/W_down/head (kq_matvec) and unfused quantized matvecs",
+     ("kq_matvec", "matvec", "_products_vnni", "_quantize_x_q8k", "quantize_x_q8",
+      "_quantize_rows_q8")),
+    ("q/k/v + RoPE + KV store + attention (attention_step), or attention alone",
+     ("attention_step", "attention")),
     ("RMS norm, RoPE, activations (serial kernels)",
      ("rms_norm", "rope_inplace", "_silu_mul_serial", "_silu_mul_parallel", "_gelu_mul")),
 ]

@@ -7,6 +7,8 @@ import pytest
 from gguf import quants as gq
 from gguf.constants import GGMLQuantizationType as T
 
+from test_quants import realistic_rows
+
 from prima_ref.model import ops
 from prima_ref.model.transformer import _GELU_TABLE_F32
 from prima_ref.quants import fused, kernels, legacy, simd
@@ -104,3 +106,46 @@ def test_shared_prefill_activations_give_each_matmul_its_own_floats(n_tokens):
         dense = kernels(qtype).dequantize(raw).astype(np.float64)
         ref = xs.astype(np.float64) @ dense.T
         assert np.sum((ys - ref) ** 2) / np.sum(ref**2) <= 5e-4
+
+
+@pytest.mark.skipif(not fused.KQ_FUSABLE_KINDS, reason="K-quant fused decode needs AVX512-VNNI")
+@pytest.mark.parametrize("qtype", [T.Q4_K, T.Q5_K, T.Q6_K])
+def test_kq_matvec_equals_matvec_then_post_norm_and_residual(qtype):
+    n_rows, n_cols, rng = 96, 512, np.random.default_rng(5)
+    raw = realistic_rows(qtype, rng, n_rows, n_cols)
+    raw.flags.writeable = False
+    x = rng.standard_normal(n_cols).astype(np.float32)
+    norm_w, post_w = (rng.standard_normal(n).astype(np.float32) for n in (n_cols, n_rows))
+    residual = rng.standard_normal(n_rows).astype(np.float32)
+    y = np.empty(n_rows, np.float32)
+    fused.kq_matvec(raw, int(qtype), x, EMPTY, EPS, EMPTY, EMPTY, y)
+    assert np.array_equal(y, kernels(qtype).matvec(raw, x))
+    fused.kq_matvec(raw, int(qtype), x, norm_w, EPS, EMPTY, EMPTY, y)
+    assert np.array_equal(y, kernels(qtype).matvec(raw, normed(x, norm_w)))
+    fused.kq_matvec(raw, int(qtype), x, EMPTY, EPS, post_w, residual, y)
+    assert np.array_equal(y, residual + normed(kernels(qtype).matvec(raw, x), post_w))
+
+
+def _plain_decode(tr):
+    """Turn the fused decode steps off: every product and op runs on its own."""
+    for layer in tr.layers.values():
+        layer.decode.qkv = layer.decode.wo = layer.decode.down = None
+        layer.decode.ffn = layer.decode.wo_kq = layer.decode.down_kq = False
+    tr._head = None
+
+
+@pytest.mark.parametrize("fixture", ["smollm2_q8_0_path",
+                                     pytest.param("gemma3_path", marks=pytest.mark.slow)])
+def test_fused_decode_steps_give_the_plain_path_logits_bit_for_bit(fixture, request):
+    from prima_ref.gguf_file import GGUFModel
+    from prima_ref.model.transformer import Transformer
+
+    model = GGUFModel.open(request.getfixturevalue(fixture))
+    fused_tr, plain_tr = Transformer(model, 64), Transformer(model, 64)
+    _plain_decode(plain_tr)
+    prompt = [2, 651, 3303, 576, 1105, 6343, 1185]
+    a, b = fused_tr.forward(prompt, 0), plain_tr.forward(prompt, 0)
+    for i in range(6):  # decode steps, each token fed to both
+        tok = int(np.argmax(a[-1]))
+        a, b = fused_tr.forward([tok], len(prompt) + i), plain_tr.forward([tok], len(prompt) + i)
+        assert np.array_equal(a, b), f"decode step {i}"

@@ -110,21 +110,34 @@ def _readonly(rows: np.ndarray) -> np.ndarray:
 
 
 class DecodePlan:
-    """How one layer's decode step (one token) multiplies its matrices: q/k/v in one fused call
-    and one parallel region, gate/up and the activation in another, residual adds inside the
-    output products, where the types allow (legacy quants); the plain kernels elsewhere."""
+    """How one layer's decode step (one token) runs: q/k/v, RoPE, the KV store and attention
+    in one call (fused.attention_step) where q/k/v are legacy quants; gate/up and the
+    activation in one fused call; W_o and W_down with their residual add (and gemma3's
+    post-norm) inside the product, legacy or K-quant; the plain kernels elsewhere."""
 
-    def __init__(self, layer: "Layer", cfg: ModelConfig):
+    def __init__(self, layer: "Layer", cfg: ModelConfig, il: int):
         qkv = (layer.wq, layer.wk, layer.wv)
         self.qkv = tuple(_readonly(w.rows) for w in qkv) if all(w.fusable for w in qkv) else None
         self.qkv_kinds = np.array([w.qtype for w in qkv], np.int64)
         self.qkv_split = tuple(int(v) for v in np.cumsum([w.rows.shape[0] for w in qkv])[:2])
+        biases = (layer.bq, layer.bk, layer.bv)
+        self.bias = (np.concatenate(biases).astype(np.float32) if layer.bq is not None
+                     else _EMPTY_F32)  # bq|bk|bv
+        self.q_norm = _EMPTY_F32 if layer.q_norm is None else layer.q_norm
+        self.k_norm = _EMPTY_F32 if layer.k_norm is None else layer.k_norm
+        self.rope_base, self.rope_scale = cfg.layer_rope(il)
+        self.window = cfg.n_swa if cfg.is_swa(il) else 0
         self.wo = (_readonly(layer.wo.rows),) if layer.wo.fusable else None
         self.wo_kinds = np.array([layer.wo.qtype], np.int64)
         self.ffn = layer.w_gate.fusable and layer.w_up.fusable
         self.gate_rows, self.up_rows = _readonly(layer.w_gate.rows), _readonly(layer.w_up.rows)
         self.down = (_readonly(layer.w_down.rows),) if layer.w_down.fusable else None
         self.down_kinds = np.array([layer.w_down.qtype], np.int64)
+        self.wo_kq = layer.wo.qtype in fused.KQ_FUSABLE_KINDS
+        self.wo_rows, self.down_rows = _readonly(layer.wo.rows), _readonly(layer.w_down.rows)
+        self.down_kq = layer.w_down.qtype in fused.KQ_FUSABLE_KINDS
+        self.post_attn = _EMPTY_F32 if layer.post_attn_norm is None else layer.post_attn_norm
+        self.post_ffn = _EMPTY_F32 if layer.post_ffn_norm is None else layer.post_ffn_norm
         self.act = fused.ACT_GELU if cfg.ffn_act == "gelu" else fused.ACT_SILU
         self.eps = np.float32(cfg.norm_eps)
 
@@ -186,7 +199,7 @@ class Layer:
         self.k_norm = _vector(model, p + "attn_k_norm.weight") if cfg.qk_norm else None
         self.post_attn_norm = _vector(model, p + "post_attention_norm.weight") if cfg.post_norms else None
         self.post_ffn_norm = _vector(model, p + "post_ffw_norm.weight") if cfg.post_norms else None
-        self.decode = DecodePlan(self, cfg)
+        self.decode = DecodePlan(self, cfg, il)
         self.batch = BatchPlan(self)
 
 
@@ -266,6 +279,9 @@ class Transformer:
             self.output_norm = _vector(model, "output_norm.weight")
             out_name = "token_embd.weight" if cfg.tied_output else "output.weight"
             self.output = _weight(model, out_name)
+            fusable = self.output.fusable or self.output.qtype in fused.KQ_FUSABLE_KINDS
+            self._head = (_readonly(self.output.rows),) if fusable else None
+            self._head_kinds = np.array([self.output.qtype], np.int64)
 
     # -- input ---------------------------------------------------------------------------------
 
@@ -336,6 +352,11 @@ class Transformer:
             y = np.empty_like(x)
             fused.matvec_group(plan.wo, plan.wo_kinds, att[0], _EMPTY_F32, plan.eps, x[0], y[0])
             return y
+        if x.shape[0] == 1 and plan.wo_kq:
+            y = np.empty_like(x)
+            fused.kq_matvec(plan.wo_rows, w.wo.qtype, att[0], _EMPTY_F32, plan.eps, plan.post_attn,
+                            x[0], y[0])
+            return y
         if _few_rows(x) and w.batch.wo is not None and not self.cfg.post_norms:
             return batched.group(w.batch.wo, w.batch.wo_rows, _c(att), residual=_c(x))
         out = w.wo(att)
@@ -363,6 +384,11 @@ class Transformer:
             y = np.empty_like(x)
             fused.matvec_group(plan.down, plan.down_kinds, gate[0], _EMPTY_F32, plan.eps, x[0], y[0])
             return y
+        if x.shape[0] == 1 and plan.down_kq:
+            y = np.empty_like(x)
+            fused.kq_matvec(plan.down_rows, w.w_down.qtype, gate[0], _EMPTY_F32, plan.eps,
+                            plan.post_ffn, x[0], y[0])
+            return y
         if _few_rows(x) and w.batch.down is not None and not self.cfg.post_norms:
             return batched.group(w.batch.down, w.batch.down_rows, gate, residual=_c(x))
         out = w.w_down(gate)
@@ -370,9 +396,23 @@ class Transformer:
             out = self._norm(out, w.post_ffn_norm)
         return x + out
 
+    def _attend_one(self, il: int, w: Layer, x: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """x (1, n_embd) -> attention output (1, n_head * head_dim), KV stored: one call."""
+        cfg, plan, cache = self.cfg, w.decode, self.kv[il]
+        att = np.empty((1, cfg.n_head, cfg.head_dim), np.float32)  # (1, n_head, head_dim)
+        fused.attention_step(plan.qkv, plan.qkv_kinds, x[0], w.attn_norm, plan.eps, plan.bias,
+                             plan.q_norm, plan.k_norm, positions, cfg.n_rot, plan.rope_base,
+                             plan.rope_scale, cfg.rope_type, cache.k, cache.v, cache.f16,
+                             plan.window, np.float32(cfg.attn_scale),
+                             np.float32(cfg.attn_softcap), att)
+        return att.reshape(1, -1)
+
     def _layer(self, il: int, x: np.ndarray, positions: np.ndarray, slots=None) -> np.ndarray:
         cfg, w = self.cfg, self.layers[il]
         n_tok = x.shape[0]
+        if n_tok == 1 and slots is None and w.decode.qkv is not None:
+            x = self._attn_out(w, x, self._attend_one(il, w, x, positions))
+            return self._ffn(w, x)
         q, k, v = self._qkv(w, x)
         if w.bq is not None:
             q += w.bq
@@ -408,8 +448,17 @@ class Transformer:
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         """x (n_tokens, n_embd) -> logits (n_tokens, n_vocab)."""
-        h = self._norm(x, self.output_norm)
-        out = self.output(h)
+        if x.shape[0] == 1 and self._head is not None:  # decode: norm and head in one call
+            out = np.empty((1, self.output.rows.shape[0]), np.float32)  # (1, n_vocab)
+            eps = np.float32(self.cfg.norm_eps)
+            if self.output.fusable:
+                fused.matvec_group(self._head, self._head_kinds, x[0], self.output_norm, eps,
+                                   _EMPTY_F32, out[0])
+            else:
+                fused.kq_matvec(self._head[0], self.output.qtype, x[0], self.output_norm, eps,
+                                _EMPTY_F32, _EMPTY_F32, out[0])
+        else:
+            out = self.output(self._norm(x, self.output_norm))
         if self.cfg.final_softcap > 0:
             c = np.float32(self.cfg.final_softcap)
             out = c * np.tanh(out / c)

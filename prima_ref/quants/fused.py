@@ -15,8 +15,16 @@ step in one call and one parallel region:
   quantize, then per output row both the gate and the up dot and the activation
   (``act`` 0: silu, 1: gelu with ggml's f16 table), as ``ops.silu_mul`` / ``ops.gelu_mul``.
 
-Every row's dot is the same inlined code as ``legacy``'s matvec, so results are bit-identical
-to calling the matrices one by one, whatever the thread count or grouping.
+- ``kq_matvec(raw, kind, x, norm_w, eps, post_w, residual, y)``: one K-quant matrix (Q2_K..Q6_K,
+  ``kind`` its ggml type id): optional pre-norm, x quantized to Q8_K in the type's slot order,
+  the rows in one ``prange``, then optionally the post-norm (gemma3's post_attention_norm /
+  post_ffw_norm) and the residual add: W_o / W_down of a K-quant layer in one call.
+- ``attention_step(...)``: a decode step's attention half: fused q/k/v, biases, q/k norms,
+  RoPE, the f16 KV store and the attention itself, one Python call per layer.
+
+Every row's dot is the same inlined code as ``legacy``'s / ``k_quants``' matvec and every
+element-wise step is ``ops``' own kernel, so results are bit-identical to calling the matrices
+and ops one by one, whatever the thread count or grouping.
 """
 
 from __future__ import annotations
@@ -24,9 +32,11 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from prima_ref.model.ops import gelu_f16_table, rms_norm
+from prima_ref.model.ops import _attention, gelu_f16_table, rms_norm, rope_inplace
+from prima_ref.quants import k_quants as K
 from prima_ref.quants import legacy as L
-from prima_ref.quants.simd import _quantize_rows_q8, has_vnni
+from prima_ref.quants.layouts import QK_K
+from prima_ref.quants.simd import _quantize_rows_q8, has_vnni, round_f16
 
 _VNNI = has_vnni()
 FUSABLE_KINDS = frozenset((L.Q8_0, L.Q4_0, L.Q4_1, L.Q5_0, L.Q5_1))
@@ -117,3 +127,91 @@ def ffn_gate_up(raw_g, kind_g, raw_u, kind_u, x, norm_w, eps, act, gelu_table, o
         g = _dot(kind_g, raw_g[r], qx, dx, dsx, nls)
         u = _dot(kind_u, raw_u[r], qx, dx, dsx, nls)
         out[r] = _activate(act, g, u, gelu_table)
+
+
+# --- K-quants: one matrix per call (W_o, W_down, a K-quant output head) ----------------------
+
+_KQ_TYPES = tuple(K.KIND)  # Q2_K..Q6_K, ggml ids consecutive
+_KQ_BASE = int(_KQ_TYPES[0])
+if [int(t) - _KQ_BASE for t in _KQ_TYPES] != [K.KIND[t] for t in _KQ_TYPES]:
+    raise RuntimeError("k_quants.KIND no longer follows the ggml type ids")
+KQ_FUSABLE_KINDS = frozenset(int(t) for t in _KQ_TYPES) if K.has_avx512_vnni() else frozenset()
+# Q8_K activation layout per kind (k_quants._slots / _x_sums), as constant tables
+_KQ_SLOTS = np.stack([K._slots(t) for t in _KQ_TYPES]).astype(np.int64)  # (5, 256)
+_KQ_SUM_LANE = np.stack([K._x_sums(t)[0] for t in _KQ_TYPES]).astype(np.int64)  # (5, 256)
+_KQ_LANES = np.array([K._x_sums(t)[1] for t in _KQ_TYPES], np.int64)  # (5,)
+_KQ_FACTOR = np.array([K._x_sums(t)[2] for t in _KQ_TYPES], np.int64)  # (5,)
+
+
+@njit(cache=True, inline="always")
+def _finish(y, post_w, eps, residual):
+    """y <- residual + rms_norm(y) * post_w, each step optional: transformer's
+    ``x + self._norm(out, post_w)`` in the same float32 operations."""
+    n = y.shape[0]
+    if post_w.shape[0]:
+        y2 = y.reshape((1, n))
+        rms_norm(y2, post_w, eps, y2)
+    if residual.shape[0]:
+        for i in range(n):
+            y[i] = residual[i] + y[i]
+
+
+@njit(cache=True, parallel=True)
+def kq_matvec(raw, kind, x, norm_w, eps, post_w, residual, y):
+    k = kind - _KQ_BASE
+    n = x.shape[0]
+    h = x.reshape((1, n))
+    if norm_w.shape[0]:
+        h = np.empty((1, n), np.float32)
+        rms_norm(x.reshape((1, n)), norm_w, eps, h)
+    n_blocks = n // QK_K
+    xq = np.empty((1, n), np.int8)  # slot order
+    xd = np.empty((1, n_blocks), np.float32)
+    xb = np.empty((1, n_blocks, _KQ_LANES[k]), np.int32)
+    K._quantize_x_q8k(h, _KQ_SLOTS[k], _KQ_SUM_LANE[k], _KQ_FACTOR[k], xq, xd, xb)
+    w, row_bytes = raw.reshape(-1), np.uint64(raw.shape[1])
+    xq1, xd1, xb1 = xq.reshape(-1), xd.reshape(-1), xb.reshape(-1)
+    for r in prange(raw.shape[0]):
+        y[r] = K._row_dot_one(k, w, np.uint64(r) * row_bytes, n_blocks, xq1, xd1, xb1, 0, n)
+    _finish(y, post_w, eps, residual)
+
+
+# --- the attention half of a decode step ------------------------------------------------------
+
+
+@njit(cache=True, inline="always")
+def _head_norm(t, weight, eps):
+    """rms_norm over each head of t (1, n_heads, d), in place."""
+    if weight.shape[0]:
+        flat = t.reshape((t.shape[1], t.shape[2]))
+        rms_norm(flat, weight, eps, flat)
+
+
+@njit(cache=True)
+def attention_step(raws, kinds, x, norm_w, eps, bias, q_norm, k_norm, positions, n_rot, base,
+                   freq_scale, rope_type, k_cache, v_cache, f16, window, scale, softcap, att):
+    """One token (x (n_embd,), at positions[0]) through q/k/v (legacy matrices, one fused
+    region), the biases (bias: bq|bk|bv or empty), per-head q/k norms, RoPE, the KV store
+    (rounded to f16 when f16, as KVCache.store) and attention into att (1, n_head, d):
+    Transformer._layer's steps up to W_o with the same kernels, in one call."""
+    n_head, d = att.shape[1], att.shape[2]
+    n_kv = k_cache.shape[1]
+    nq, nk = n_head * d, n_kv * d
+    y = np.empty(nq + 2 * nk, np.float32)
+    matvec_group(raws, kinds, x, norm_w, eps, np.empty(0, np.float32), y)
+    if bias.shape[0]:
+        for i in range(y.shape[0]):
+            y[i] += bias[i]
+    q = y[:nq].copy().reshape((1, n_head, d))
+    k = y[nq : nq + nk].copy().reshape((1, n_kv, d))
+    _head_norm(q, q_norm, eps)
+    _head_norm(k, k_norm, eps)
+    rope_inplace(q, positions, n_rot, base, freq_scale, rope_type)
+    rope_inplace(k, positions, n_rot, base, freq_scale, rope_type)
+    p = positions[0]
+    for h in range(n_kv):
+        for i in range(d):
+            kv, vv = k[0, h, i], y[nq + nk + h * d + i]
+            k_cache[p, h, i] = round_f16(kv) if f16 else kv
+            v_cache[p, h, i] = round_f16(vv) if f16 else vv
+    _attention(q, k_cache, v_cache, positions, np.zeros(1, np.int64), window, scale, softcap, att)
