@@ -96,7 +96,9 @@ def test_row_by_row_batch_is_bit_equal_to_one_token_passes(smollm2_q8_0_path):
 
     g = GGUFModel.open(smollm2_q8_0_path)
     one, batch = Transformer(g, 32), Transformer(g, 32)
-    tokens = [1, 504, 2365, 6354, 16438]
+    # more rows than the batched decode kernels take (2..8 rows, each bit-equal to a one-row
+    # pass): a plain batch of these goes through the prefill matmul, which sums in another order
+    tokens = [1, 504, 2365, 6354, 16438, 30, 253, 6431, 3101, 1129]
     seq = np.concatenate([one.forward([t], i) for i, t in enumerate(tokens)])
     with row_by_row():
         rows = batch.forward(tokens, 0, all_logits=True)
