@@ -68,8 +68,15 @@ NOTES = [
     " matrices): memory speed needs one 20-byte block per ~1 ns per core. Routes left: two"
     " blocks per 512-bit dot, and a repacked layout with 64-byte-aligned quants (a cache file"
     " beside the model, to keep mmap); the interleaved GGUF records keep the loads unaligned.",
-    "Legacy matmul: a weight block is decoded once per 4 rows and reused over all tokens, 2"
-    " tokens per 512-bit `vpdpbusd`; the x side is block-major in L2.",
+    "Matmul above 8 tokens (prima_ref/quants/tiled.py; the 64-token column): legacy types and"
+    " Q4_K/Q5_K/Q6_K gather 16 weight rows' quants into the 16 lanes of a vector, then run"
+    " 8-token tiles over every block with the accumulators in registers: one `vpdpbusd` per 4"
+    " weights x 16 rows and one convert + FMA per block, no horizontal sums. Up to 8 tokens"
+    " (decode batches) the products are bit-equal to matvec (prima_ref/quants/batched.py).",
+    "Big matrices at 2 threads: on this 2-core VM a second thread competes with everything else"
+    " on the machine, and the figures swing by tens of percent between quiet runs (the 20:12"
+    " run of the same kernels read 32-35 GB/s, 93-99 % of a 34.8 GB/s probe, for Q4_0/Q4_1/"
+    "Q5_0); compare runs only with their probe and load lines.",
     "4096x4096 matrices (9-34 MB) fit partly in the 260 MB L3 of this VM's host, so they can"
     " beat the DRAM figure; the big matrix is 4x the L3.",
 ]

@@ -14,6 +14,12 @@ TILED = [T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q4_K, T.Q5_K, T.Q6_K]
 needs_tiles = pytest.mark.skipif(not tiled.available(), reason="CPU lacks AVX512-VNNI/BW")
 
 
+@pytest.fixture(autouse=True)
+def _tiled_on(monkeypatch):
+    """The tiled prefill kernels are opt-in (tiled.enabled): these tests turn them on."""
+    monkeypatch.setenv("PRIMA_TILED", "1")
+
+
 def nse(y, ref):
     return float(((y - ref) ** 2).sum() / (ref**2).sum())
 

@@ -850,13 +850,14 @@ def _float_products(qtype: T):
 def _vnni_products(qtype: T):
     ts = LAYOUTS[qtype].type_size
     slots, (sum_lane, n_lanes, factor) = _slots(qtype), _x_sums(qtype)
-    tiled_kind = int(qtype) if int(qtype) in tiled.K_KINDS and tiled.available() else None
+    tiled_kind = int(qtype) if int(qtype) in tiled.K_KINDS else None
 
     def matmul(raw: np.ndarray, xs: np.ndarray) -> np.ndarray:
         raw = _check_raw(raw, qtype)
         xs = _check_x(xs, raw.shape[1] // ts * QK_K, qtype, 2)
         n_tokens, n_cols = xs.shape
-        if tiled_kind is not None and n_tokens > TILED_MIN_TOKENS:  # prefill: register tiles
+        if (tiled_kind is not None and n_tokens > TILED_MIN_TOKENS
+                and tiled.enabled()):  # prefill: register tiles (opt-in)
             return tiled.matmul_k(tiled_kind, raw, xs)
         xq = np.empty((n_tokens, n_cols), dtype=np.int8)  # (n_tokens, n_cols), slot order
         xd = np.empty((n_tokens, n_cols // QK_K), dtype=np.float32)  # (n_tokens, n_blocks)

@@ -507,7 +507,7 @@ def matmul_prepared(qtype, raw: np.ndarray, act: BlockMajorQ8) -> np.ndarray:
     if _check_raw(qtype, raw) != act.n_cols:
         raise LegacyKernelInputError(
             f"{qtype.name}: activations have {act.n_cols} columns, the matrix {raw.shape}")
-    if act.n_tokens > TILED_MIN_TOKENS and tiled.available():
+    if act.n_tokens > TILED_MIN_TOKENS and tiled.enabled():
         return tiled.matmul(int(qtype), raw, act)
     ys = np.empty((act.n_tokens, raw.shape[0]), np.float32)  # (n_tokens, n_rows)
     offsets = act.dsxb if HAS_MIN[int(qtype)] else act.dxsxb
@@ -545,7 +545,7 @@ def make_kernels(qtype: T, vnni: bool) -> QuantKernels:
         ys = np.empty((xs.shape[0], raw.shape[0]), np.float32)  # (n_tokens, n_rows)
         if xs.shape[0] == 1:  # padding one token to TOKEN_LANES would cost 8x
             ys[0] = matvec(raw, xs[0])
-        elif vnni and xs.shape[0] > TILED_MIN_TOKENS and tiled.available():
+        elif vnni and xs.shape[0] > TILED_MIN_TOKENS and tiled.enabled():
             ys = tiled.matmul(kind, raw, prepare_activations(xs))
         elif xs.shape[0]:
             act = prepare_activations(xs)

@@ -20,6 +20,8 @@ summation order differs from ggml's vec_dot (one FMA per block, blocks in order)
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 from gguf.constants import GGMLQuantizationType as T
 from llvmlite import ir
@@ -260,6 +262,15 @@ def available() -> bool:
     """512-bit vpdpbusd and vpgatherdd: AVX512-VNNI (with F/BW)."""
     f = cpu_features()
     return bool(f.get("avx512vnni") and f.get("avx512bw") and f.get("avx512f"))
+
+
+def enabled() -> bool:
+    """Whether the prefill matmul takes these kernels: where available() and PRIMA_TILED=1.
+    Off by default: the kernels are closures over per-type intrinsics, which Numba's cache
+    cannot key, so every new process compiled them again (a 64-token prompt then took 1.6 s
+    on SmolLM2 and 8 s on gemma3 instead of ~0.2 s); on until that is fixed, they are only
+    correct, not yet cheaper."""
+    return os.environ.get("PRIMA_TILED") == "1" and available()
 
 
 def matmul(kind: int, raw: np.ndarray, act) -> np.ndarray:
