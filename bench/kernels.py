@@ -26,6 +26,8 @@ from pathlib import Path
 import llvmlite
 import numba
 import numpy as np
+
+os.environ.setdefault("PRIMA_TILED", "1")  # the 64-token column times quants/tiled.py (opt-in)
 from gguf import quants as gq
 from gguf.constants import GGMLQuantizationType as T
 
@@ -68,7 +70,8 @@ NOTES = [
     " matrices): memory speed needs one 20-byte block per ~1 ns per core. Routes left: two"
     " blocks per 512-bit dot, and a repacked layout with 64-byte-aligned quants (a cache file"
     " beside the model, to keep mmap); the interleaved GGUF records keep the loads unaligned.",
-    "Matmul above 8 tokens (prima_ref/quants/tiled.py; the 64-token column): legacy types and"
+    "Matmul above 8 tokens (prima_ref/quants/tiled.py, opt-in with PRIMA_TILED=1, which this"
+    " script sets; the 64-token column): legacy types and"
     " Q4_K/Q5_K/Q6_K gather 16 weight rows' quants into the 16 lanes of a vector, then run"
     " 8-token tiles over every block with the accumulators in registers: one `vpdpbusd` per 4"
     " weights x 16 rows and one convert + FMA per block, no horizontal sums. Up to 8 tokens"
