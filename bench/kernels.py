@@ -26,8 +26,6 @@ from pathlib import Path
 import llvmlite
 import numba
 import numpy as np
-
-os.environ.setdefault("PRIMA_TILED", "1")  # the 64-token column times quants/tiled.py (opt-in)
 from gguf import quants as gq
 from gguf.constants import GGMLQuantizationType as T
 
@@ -134,7 +132,7 @@ def sample_rows(qtype: T, n_rows: int, n_cols: int, rng) -> np.ndarray:
     w = (rng.standard_normal((n_rows, n_cols)) * 0.05).astype(np.float32)
     try:
         return np.ascontiguousarray(gq.quantize(w, qtype).view(np.uint8).reshape(n_rows, -1))
-    except NotImplementedError:
+    except NotImplementedError:  # gguf-py quantizes only some types: random blocks below
         pass
     layout = LAYOUTS[qtype]
     raw = rng.integers(0, 256, (n_rows, row_bytes(qtype, n_cols)), dtype=np.uint8)
@@ -276,6 +274,7 @@ def parse_types(text: str | None) -> list[T] | None:
 
 
 def main(argv=None) -> None:
+    os.environ.setdefault("PRIMA_TILED", "1")  # the 64-token column times quants/tiled.py (opt-in)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small matrices, few repeats (smoke run)")
     ap.add_argument("--types", help="comma-separated subset, e.g. Q4_0,Q8_0")
