@@ -68,8 +68,8 @@ NOTES = [
     " matrices): memory speed needs one 20-byte block per ~1 ns per core. Routes left: two"
     " blocks per 512-bit dot, and a repacked layout with 64-byte-aligned quants (a cache file"
     " beside the model, to keep mmap); the interleaved GGUF records keep the loads unaligned.",
-    "Matmul above 8 tokens (prima_ref/quants/tiled.py, opt-in with PRIMA_TILED=1, which this"
-    " script sets; the 64-token column): legacy types and"
+    "Matmul above 8 tokens on AVX512-VNNI CPUs (prima_ref/quants/tiled.py; PRIMA_TILED=0 turns"
+    " it off; the 64-token column): legacy types and"
     " Q4_K/Q5_K/Q6_K gather 16 weight rows' quants into the 16 lanes of a vector, then run"
     " 8-token tiles over every block with the accumulators in registers: one `vpdpbusd` per 4"
     " weights x 16 rows and one convert + FMA per block, no horizontal sums. Up to 8 tokens"
@@ -274,7 +274,6 @@ def parse_types(text: str | None) -> list[T] | None:
 
 
 def main(argv=None) -> None:
-    os.environ.setdefault("PRIMA_TILED", "1")  # the 64-token column times quants/tiled.py (opt-in)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small matrices, few repeats (smoke run)")
     ap.add_argument("--types", help="comma-separated subset, e.g. Q4_0,Q8_0")

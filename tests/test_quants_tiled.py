@@ -2,6 +2,12 @@
 lane, token slot, scale, min and high bit lands where it belongs, with tails of rows (not a
 multiple of 16) and tokens (not a multiple of 8), and the sums are llama.cpp's."""
 
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import numpy as np
 import pytest
 from gguf.constants import GGMLQuantizationType as T
@@ -16,8 +22,9 @@ needs_tiles = pytest.mark.skipif(not tiled.available(), reason="CPU lacks AVX512
 
 @pytest.fixture(autouse=True)
 def _tiled_on(monkeypatch):
-    """The tiled prefill kernels are opt-in (tiled.enabled): these tests turn them on."""
-    monkeypatch.setenv("PRIMA_TILED", "1")
+    """The tiled prefill kernels are on by default where available; a PRIMA_TILED=0 in the
+    environment must not turn these tests into tests of the other path."""
+    monkeypatch.delenv("PRIMA_TILED", raising=False)
 
 
 def nse(y, ref):
@@ -62,3 +69,34 @@ def test_shared_activations_serve_every_legacy_type_in_prefill():
         raw = realistic_rows(qtype, np.random.default_rng(int(qtype)), 19, 256)
         assert np.array_equal(legacy.matmul_prepared(qtype, raw, act),
                               kernels(qtype).matmul(raw, xs))
+
+
+CACHE_CHILD = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, sys.argv[1])
+    import numpy as np
+    from gguf.constants import GGMLQuantizationType as T
+    from test_quants import realistic_rows
+    from prima_ref.quants import kernels, tiled
+    rng = np.random.default_rng(0)
+    for qtype in (T.Q4_1, T.Q4_K):
+        raw = realistic_rows(qtype, rng, 20, 256)
+        kernels(qtype).matmul(raw, rng.standard_normal((9, 256)).astype(np.float32))
+        stats = tiled._KERNELS[int(qtype)].stats
+        print(qtype.name, sum(stats.cache_hits.values()), sum(stats.cache_misses.values()))
+""")
+
+
+@needs_tiles
+def test_a_second_process_finds_the_tiled_kernels_in_numbas_cache(tmp_path):
+    """The drivers close over numbers only (the per-type code is chosen through a literal
+    kind), so Numba's cache keys them: a new prima-cli/server must not compile them again."""
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
+    env.pop("PRIMA_TILED", None)
+    tests = str(Path(__file__).parent)
+    runs = [subprocess.run([sys.executable, "-c", CACHE_CHILD, tests], env=env, text=True,
+                           capture_output=True, timeout=600) for _ in range(2)]
+    for run in runs:
+        assert run.returncode == 0, run.stderr[-3000:]
+    assert runs[0].stdout.split() == ["Q4_1", "0", "1", "Q4_K", "0", "1"]  # compiled, stored
+    assert runs[1].stdout.split() == ["Q4_1", "1", "0", "Q4_K", "1", "0"]  # found, not compiled

@@ -26,7 +26,7 @@ import numpy as np
 from gguf.constants import GGMLQuantizationType as T
 from llvmlite import ir
 from numba import njit, prange, types
-from numba.core import cgutils
+from numba.core import cgutils, errors
 from numba.extending import intrinsic
 
 from prima_ref.quants.layouts import LAYOUTS, QK_LEGACY
@@ -86,145 +86,160 @@ def _half_to_f32(b, words):
 
 
 def _repack(kind: int):
-    """Intrinsic (raw, off, row_bytes, n_valid, w, wo, d, m, so): the block at byte off of 16
-    rows (row r at off + r * row_bytes; rows >= n_valid read as zero) as 8 vectors of 16 lanes
-    x 4 unsigned quants at w[wo:], lane r = row r; its scales (and mins) as float32 at
+    """Code of repack(kind, raw, off, row_bytes, n_valid, w, wo, d, m, so): the block at byte
+    off of 16 rows (row r at off + r * row_bytes; rows >= n_valid read as zero) as 8 vectors of
+    16 lanes x 4 unsigned quants at w[wo:], lane r = row r; its scales (and mins) as float32 at
     d[so:so+16] (m[so:so+16])."""
     qs_off, qh_off = QS_OFF[kind], QH_OFF[kind]
 
-    @intrinsic
-    def repack(typingctx, raw, off, row_bytes, n_valid, w, wo, d, m, so):
-        sig = types.none(raw, off, row_bytes, n_valid, w, wo, d, m, so)
+    def codegen(context, builder, sig, args):
+        b = builder
+        rawp = _data(context, b, sig.args[0], args[0], _I8)
+        wp = _data(context, b, sig.args[4], args[4], _I8)
+        dp = _data(context, b, sig.args[6], args[6], _F32)
+        mp = _data(context, b, sig.args[7], args[7], _F32)
+        off, rb, nv, wo, so = (context.cast(b, args[i], sig.args[i], types.int64)
+                               for i in (1, 2, 3, 5, 8))
+        lanes = _const16(range(ROWS))
+        idx = b.mul(_splat(b, b.trunc(rb, _I32), _V16I32), lanes)
+        mask = b.icmp_signed("<", lanes, _splat(b, b.trunc(nv, _I32), _V16I32))
+        base = b.gep(rawp, [off])
 
-        def codegen(context, builder, sig, args):
-            b = builder
-            rawp = _data(context, b, sig.args[0], args[0], _I8)
-            wp = _data(context, b, sig.args[4], args[4], _I8)
-            dp = _data(context, b, sig.args[6], args[6], _F32)
-            mp = _data(context, b, sig.args[7], args[7], _F32)
-            off, rb, nv, wo, so = (context.cast(b, args[i], sig.args[i], types.int64)
-                                   for i in (1, 2, 3, 5, 8))
-            lanes = _const16(range(ROWS))
-            idx = b.mul(_splat(b, b.trunc(rb, _I32), _V16I32), lanes)
-            mask = b.icmp_signed("<", lanes, _splat(b, b.trunc(nv, _I32), _V16I32))
-            base = b.gep(rawp, [off])
+        def at(k):
+            return _gather(b, b.gep(base, [ir.Constant(_I64, k)]), idx, mask)
 
-            def at(k):
-                return _gather(b, b.gep(base, [ir.Constant(_I64, k)]), idx, mask)
+        def store(i, vec):
+            p = b.gep(wp, [b.add(wo, ir.Constant(_I64, 64 * i))])
+            b.store(vec, b.bitcast(p, _V16I32.as_pointer()), align=1)
 
-            def store(i, vec):
-                p = b.gep(wp, [b.add(wo, ir.Constant(_I64, 64 * i))])
-                b.store(vec, b.bitcast(p, _V16I32.as_pointer()), align=1)
-
-            head = at(0)  # d (| m) in the low (high) 16 bits
-            dptr = b.bitcast(b.gep(dp, [so]), _V16F32.as_pointer())
-            b.store(_half_to_f32(b, head), dptr, align=4)
-            if HAS_MIN[kind]:
-                mptr = b.bitcast(b.gep(mp, [so]), _V16F32.as_pointer())
-                b.store(_half_to_f32(b, b.lshr(head, _const16([16] * 16))), mptr, align=4)
-            if kind == Q8_0:  # int8 bits + 128: the unsigned quant
-                for i in range(GROUPS):
-                    store(i, b.xor(at(qs_off + 4 * i), _const16([0x80808080] * 16)))
-                return context.get_dummy_value()
-            nib = _const16([0x0F0F0F0F] * 16)
-            vecs = [None] * GROUPS
-            for i in range(GROUPS // 2):  # byte j of qs: low nibble weight j, high j + 16
-                q = at(qs_off + 4 * i)
-                vecs[i] = b.and_(q, nib)
-                vecs[i + GROUPS // 2] = b.and_(b.lshr(q, _const16([4] * 16)), nib)
-            if HAS_QH[kind]:  # bit j of qh: 5th bit of weight j, moved to bit 4 of its byte
-                qh = at(qh_off)
-                for i in range(GROUPS):
-                    four = b.and_(b.lshr(qh, _const16([4 * i] * 16)), _const16([0xF] * 16))
-                    # bit c of four lands at 8c + 4 (the other products miss bits 4, 12, ..)
-                    spread = b.mul(four, _const16([0x02040810] * 16))
-                    vecs[i] = b.or_(vecs[i], b.and_(spread, _const16([0x10101010] * 16)))
-            for i, vec in enumerate(vecs):
-                store(i, vec)
+        head = at(0)  # d (| m) in the low (high) 16 bits
+        dptr = b.bitcast(b.gep(dp, [so]), _V16F32.as_pointer())
+        b.store(_half_to_f32(b, head), dptr, align=4)
+        if HAS_MIN[kind]:
+            mptr = b.bitcast(b.gep(mp, [so]), _V16F32.as_pointer())
+            b.store(_half_to_f32(b, b.lshr(head, _const16([16] * 16))), mptr, align=4)
+        if kind == Q8_0:  # int8 bits + 128: the unsigned quant
+            for i in range(GROUPS):
+                store(i, b.xor(at(qs_off + 4 * i), _const16([0x80808080] * 16)))
             return context.get_dummy_value()
+        nib = _const16([0x0F0F0F0F] * 16)
+        vecs = [None] * GROUPS
+        for i in range(GROUPS // 2):  # byte j of qs: low nibble weight j, high j + 16
+            q = at(qs_off + 4 * i)
+            vecs[i] = b.and_(q, nib)
+            vecs[i + GROUPS // 2] = b.and_(b.lshr(q, _const16([4] * 16)), nib)
+        if HAS_QH[kind]:  # bit j of qh: 5th bit of weight j, moved to bit 4 of its byte
+            qh = at(qh_off)
+            for i in range(GROUPS):
+                four = b.and_(b.lshr(qh, _const16([4 * i] * 16)), _const16([0xF] * 16))
+                # bit c of four lands at 8c + 4 (the other products miss bits 4, 12, ..)
+                spread = b.mul(four, _const16([0x02040810] * 16))
+                vecs[i] = b.or_(vecs[i], b.and_(spread, _const16([0x10101010] * 16)))
+        for i, vec in enumerate(vecs):
+            store(i, vec)
+        return context.get_dummy_value()
 
-        return sig, codegen
-
-    return repack
+    return codegen
 
 
 def _tile(kind: int):
-    """Intrinsic (w, d, m, qxb, dxb, seedb, dsxb, n_blocks, padded, t0, out): for the 16 rows
-    repacked in w/d/m and tokens t0 .. t0 + TILE_TOKENS of the block-major activations, out[16 t
-    + r] = sum over blocks of d_r dx_t (u_r . qx_t + seed_t) (+ m_r s_t with a min)."""
+    """Code of tile(kind, w, d, m, qxb, dxb, seedb, dsxb, n_blocks, padded, t0, out): for the 16
+    rows repacked in w/d/m and tokens t0 .. t0 + TILE_TOKENS of the block-major activations,
+    out[16 t + r] = sum over blocks of d_r dx_t (u_r . qx_t + seed_t) (+ m_r s_t with a min)."""
     has_min = HAS_MIN[kind]
 
-    @intrinsic
-    def tile(typingctx, w, d, m, qxb, dxb, seedb, dsxb, n_blocks, padded, t0, out):
-        sig = types.none(w, d, m, qxb, dxb, seedb, dsxb, n_blocks, padded, t0, out)
+    def codegen(context, builder, sig, args):
+        b = builder
+        wp = _data(context, b, sig.args[0], args[0], _V16I32)
+        dp = _data(context, b, sig.args[1], args[1], _V16F32)
+        mp = _data(context, b, sig.args[2], args[2], _V16F32)
+        qp = _data(context, b, sig.args[3], args[3], _I32)  # 4 int8 per dword
+        dxp = _data(context, b, sig.args[4], args[4], _F32)
+        sp = _data(context, b, sig.args[5], args[5], _I32)
+        dsp = _data(context, b, sig.args[6], args[6], _F32)
+        outp = _data(context, b, sig.args[10], args[10], _V16F32)
+        nb, padded, t0 = (context.cast(b, args[i], sig.args[i], types.int64) for i in (7, 8, 9))
+        fma = cgutils.get_or_insert_function(
+            b.module, ir.FunctionType(_V16F32, [_V16F32] * 3), "llvm.fma.v16f32")
+        zero_f, zero_i = ir.Constant(_V16F32, None), ir.Constant(_V16I32, None)
+        pre = b.block
+        loop, done = b.append_basic_block("tile.loop"), b.append_basic_block("tile.done")
+        b.cbranch(b.icmp_signed(">", nb, ir.Constant(_I64, 0)), loop, done)
+        b.position_at_end(loop)
+        blk = b.phi(_I64)
+        accs = [b.phi(_V16F32) for _ in range(TILE_TOKENS)]
+        wv = [b.load(b.gep(wp, [b.add(b.mul(blk, ir.Constant(_I64, GROUPS)),
+                                      ir.Constant(_I64, i))]), align=1)
+              for i in range(GROUPS)]
+        dv = b.load(b.gep(dp, [blk]), align=4)
+        mv = b.load(b.gep(mp, [blk]), align=4) if has_min else None
+        slot0 = b.add(b.mul(blk, padded), t0)  # block-major slot of token t0
+        new = []
+        for t, acc in enumerate(accs):
+            slot = b.add(slot0, ir.Constant(_I64, t))
+            if has_min:
+                dot = zero_i
+            else:
+                dot = _splat(b, b.load(b.gep(sp, [slot]), align=4), _V16I32)
+            q0 = b.mul(slot, ir.Constant(_I64, GROUPS))
+            for i in range(GROUPS):
+                xq = b.load(b.gep(qp, [b.add(q0, ir.Constant(_I64, i))]), align=4)
+                dot = _call(b, "llvm.x86.avx512.vpdpbusd.512", _V16I32,
+                            [dot, wv[i], _splat(b, xq, _V16I32)])
+            scale = b.fmul(dv, _splat(b, b.load(b.gep(dxp, [slot]), align=4), _V16F32))
+            acc = b.call(fma, [b.sitofp(dot, _V16F32), scale, acc])
+            if has_min:
+                s = _splat(b, b.load(b.gep(dsp, [slot]), align=4), _V16F32)
+                acc = b.call(fma, [mv, s, acc])
+            new.append(acc)
+        nxt = b.add(blk, ir.Constant(_I64, 1))
+        end = b.block
+        blk.add_incoming(ir.Constant(_I64, 0), pre)
+        blk.add_incoming(nxt, end)
+        for acc, value in zip(accs, new, strict=True):
+            acc.add_incoming(zero_f, pre)
+            acc.add_incoming(value, end)
+        b.cbranch(b.icmp_signed("<", nxt, nb), loop, done)
+        b.position_at_end(done)
+        phis = [b.phi(_V16F32) for _ in new]
+        for t, (phi, value) in enumerate(zip(phis, new, strict=True)):
+            phi.add_incoming(zero_f, pre)
+            phi.add_incoming(value, end)
+            b.store(phi, b.gep(outp, [ir.Constant(_I64, t)]), align=4)
+        return context.get_dummy_value()
 
-        def codegen(context, builder, sig, args):
-            b = builder
-            wp = _data(context, b, sig.args[0], args[0], _V16I32)
-            dp = _data(context, b, sig.args[1], args[1], _V16F32)
-            mp = _data(context, b, sig.args[2], args[2], _V16F32)
-            qp = _data(context, b, sig.args[3], args[3], _I32)  # 4 int8 per dword
-            dxp = _data(context, b, sig.args[4], args[4], _F32)
-            sp = _data(context, b, sig.args[5], args[5], _I32)
-            dsp = _data(context, b, sig.args[6], args[6], _F32)
-            outp = _data(context, b, sig.args[10], args[10], _V16F32)
-            nb, padded, t0 = (context.cast(b, args[i], sig.args[i], types.int64) for i in (7, 8, 9))
-            fma = cgutils.get_or_insert_function(
-                b.module, ir.FunctionType(_V16F32, [_V16F32] * 3), "llvm.fma.v16f32")
-            zero_f, zero_i = ir.Constant(_V16F32, None), ir.Constant(_V16I32, None)
-            pre = b.block
-            loop, done = b.append_basic_block("tile.loop"), b.append_basic_block("tile.done")
-            b.cbranch(b.icmp_signed(">", nb, ir.Constant(_I64, 0)), loop, done)
-            b.position_at_end(loop)
-            blk = b.phi(_I64)
-            accs = [b.phi(_V16F32) for _ in range(TILE_TOKENS)]
-            wv = [b.load(b.gep(wp, [b.add(b.mul(blk, ir.Constant(_I64, GROUPS)),
-                                          ir.Constant(_I64, i))]), align=1)
-                  for i in range(GROUPS)]
-            dv = b.load(b.gep(dp, [blk]), align=4)
-            mv = b.load(b.gep(mp, [blk]), align=4) if has_min else None
-            slot0 = b.add(b.mul(blk, padded), t0)  # block-major slot of token t0
-            new = []
-            for t, acc in enumerate(accs):
-                slot = b.add(slot0, ir.Constant(_I64, t))
-                if has_min:
-                    dot = zero_i
-                else:
-                    dot = _splat(b, b.load(b.gep(sp, [slot]), align=4), _V16I32)
-                q0 = b.mul(slot, ir.Constant(_I64, GROUPS))
-                for i in range(GROUPS):
-                    xq = b.load(b.gep(qp, [b.add(q0, ir.Constant(_I64, i))]), align=4)
-                    dot = _call(b, "llvm.x86.avx512.vpdpbusd.512", _V16I32,
-                                [dot, wv[i], _splat(b, xq, _V16I32)])
-                scale = b.fmul(dv, _splat(b, b.load(b.gep(dxp, [slot]), align=4), _V16F32))
-                acc = b.call(fma, [b.sitofp(dot, _V16F32), scale, acc])
-                if has_min:
-                    s = _splat(b, b.load(b.gep(dsp, [slot]), align=4), _V16F32)
-                    acc = b.call(fma, [mv, s, acc])
-                new.append(acc)
-            nxt = b.add(blk, ir.Constant(_I64, 1))
-            end = b.block
-            blk.add_incoming(ir.Constant(_I64, 0), pre)
-            blk.add_incoming(nxt, end)
-            for acc, value in zip(accs, new, strict=True):
-                acc.add_incoming(zero_f, pre)
-                acc.add_incoming(value, end)
-            b.cbranch(b.icmp_signed("<", nxt, nb), loop, done)
-            b.position_at_end(done)
-            phis = [b.phi(_V16F32) for _ in new]
-            for t, (phi, value) in enumerate(zip(phis, new, strict=True)):
-                phi.add_incoming(zero_f, pre)
-                phi.add_incoming(value, end)
-                b.store(phi, b.gep(outp, [ir.Constant(_I64, t)]), align=4)
-            return context.get_dummy_value()
+    return codegen
 
-        return sig, codegen
 
-    return tile
+def _by_kind(emitter, kinds, kind, args):
+    """Typing of a module-level intrinsic f(kind, *args) whose code emitter(kind) writes. kind
+    must be a compile-time constant: the drivers pass the int their closure holds, which Numba
+    types as a literal. So the drivers close over numbers only, which Numba's cache keys by
+    value (a closure over an intrinsic pickles differently in every process: always a miss)."""
+    if not isinstance(kind, types.IntegerLiteral):
+        raise errors.RequireLiteralValue(f"{emitter.__name__}: kind must be a constant")
+    if kind.literal_value not in kinds:
+        raise errors.TypingError(f"{emitter.__name__}: no tiled kernel for type {kind}")
+    emit = emitter(kind.literal_value)
+
+    def codegen(context, builder, sig, llargs):
+        return emit(context, builder, types.none(*sig.args[1:]), llargs[1:])
+
+    return types.none(kind, *args), codegen
+
+
+@intrinsic
+def repack(typingctx, kind, raw, off, row_bytes, n_valid, w, wo, d, m, so):
+    return _by_kind(_repack, KINDS, kind, (raw, off, row_bytes, n_valid, w, wo, d, m, so))
+
+
+@intrinsic
+def tile(typingctx, kind, w, d, m, qxb, dxb, seedb, dsxb, n_blocks, padded, t0, out):
+    return _by_kind(_tile, KINDS, kind, (w, d, m, qxb, dxb, seedb, dsxb, n_blocks, padded, t0,
+                                         out))
 
 
 def _compile(kind: int):
-    repack, tile = _repack(kind), _tile(kind)
     bb = BLOCK_BYTES[kind]
 
     @njit(cache=True, parallel=True)
@@ -243,11 +258,11 @@ def _compile(kind: int):
             d = np.empty(n_blocks * ROWS, np.float32)
             m = np.empty(n_blocks * ROWS, np.float32)
             for blk in range(n_blocks):
-                repack(flat, r0 * row_bytes + blk * bb, row_bytes, n_valid, w, blk * W_BYTES,
-                       d, m, blk * ROWS)
+                repack(kind, flat, r0 * row_bytes + blk * bb, row_bytes, n_valid, w,
+                       blk * W_BYTES, d, m, blk * ROWS)
             out = np.empty(TILE_TOKENS * ROWS, np.float32)  # (TILE_TOKENS, ROWS)
             for t0 in range(0, padded, TILE_TOKENS):
-                tile(w, d, m, qxb, dxb, seedb, dsxb, n_blocks, padded, t0, out)
+                tile(kind, w, d, m, qxb, dxb, seedb, dsxb, n_blocks, padded, t0, out)
                 for t in range(min(TILE_TOKENS, n_tokens - t0)):
                     for r in range(n_valid):
                         ys[t0 + t, r0 + r] = out[t * ROWS + r]
@@ -265,12 +280,9 @@ def available() -> bool:
 
 
 def enabled() -> bool:
-    """Whether the prefill matmul takes these kernels: where available() and PRIMA_TILED=1.
-    Off by default: the kernels are closures over per-type intrinsics, which Numba's cache
-    cannot key, so every new process compiled them again (a 64-token prompt then took 1.6 s
-    on SmolLM2 and 8 s on gemma3 instead of ~0.2 s); on until that is fixed, they are only
-    correct, not yet cheaper."""
-    return os.environ.get("PRIMA_TILED") == "1" and available()
+    """Whether the prefill matmul takes these kernels: where available(), unless PRIMA_TILED=0
+    (which leaves the row-at-a-time legacy/K-quant matmul, for comparison)."""
+    return os.environ.get("PRIMA_TILED") != "0" and available()
 
 
 def matmul(kind: int, raw: np.ndarray, act) -> np.ndarray:
@@ -312,159 +324,148 @@ def _scales_k4(b, u0, u1, u2, j):
 
 
 def _repack_k(kind: int):
-    """Intrinsic (raw, off, row_bytes, n_valid, w, wo, dsc, so, dmm, mo): the super-block at
-    byte off of 16 rows as 64 vectors of 4 unsigned quants per row lane (weights 4i..4i+3 in
-    vector i) at w[wo:], d * sc_j per row at dsc[so + 16 j:], dmin * m_j at dmm[mo + 16 j:]."""
+    """Code of repack_k(kind, raw, off, row_bytes, n_valid, w, wo, dsc, so, dmm, mo): the
+    super-block at byte off of 16 rows as 64 vectors of 4 unsigned quants per row lane (weights
+    4i..4i+3 in vector i) at w[wo:], d * sc_j per row at dsc[so + 16 j:], dmin * m_j at
+    dmm[mo + 16 j:]."""
 
-    @intrinsic
-    def repack(typingctx, raw, off, row_bytes, n_valid, w, wo, dsc, so, dmm, mo):
-        sig = types.none(raw, off, row_bytes, n_valid, w, wo, dsc, so, dmm, mo)
+    def codegen(context, builder, sig, args):
+        b = builder
+        c = lambda v: _const16([v] * 16)  # noqa: E731
+        rawp = _data(context, b, sig.args[0], args[0], _I8)
+        wp = _data(context, b, sig.args[4], args[4], _I8)
+        sp = _data(context, b, sig.args[6], args[6], _F32)
+        mp = _data(context, b, sig.args[8], args[8], _F32)
+        off, rb, nv, wo, so, mo = (context.cast(b, args[i], sig.args[i], types.int64)
+                                   for i in (1, 2, 3, 5, 7, 9))
+        lanes = _const16(range(ROWS))
+        idx = b.mul(_splat(b, b.trunc(rb, _I32), _V16I32), lanes)
+        mask = b.icmp_signed("<", lanes, _splat(b, b.trunc(nv, _I32), _V16I32))
+        base = b.gep(rawp, [off])
+        cache = {}
 
-        def codegen(context, builder, sig, args):
-            b = builder
-            c = lambda v: _const16([v] * 16)  # noqa: E731
-            rawp = _data(context, b, sig.args[0], args[0], _I8)
-            wp = _data(context, b, sig.args[4], args[4], _I8)
-            sp = _data(context, b, sig.args[6], args[6], _F32)
-            mp = _data(context, b, sig.args[8], args[8], _F32)
-            off, rb, nv, wo, so, mo = (context.cast(b, args[i], sig.args[i], types.int64)
-                                       for i in (1, 2, 3, 5, 7, 9))
-            lanes = _const16(range(ROWS))
-            idx = b.mul(_splat(b, b.trunc(rb, _I32), _V16I32), lanes)
-            mask = b.icmp_signed("<", lanes, _splat(b, b.trunc(nv, _I32), _V16I32))
-            base = b.gep(rawp, [off])
-            cache = {}
+        def at(k):
+            if k not in cache:
+                cache[k] = _gather(b, b.gep(base, [ir.Constant(_I64, k)]), idx, mask)
+            return cache[k]
 
-            def at(k):
-                if k not in cache:
-                    cache[k] = _gather(b, b.gep(base, [ir.Constant(_I64, k)]), idx, mask)
-                return cache[k]
+        def put(ptr, start, i, vec, ty):
+            p = b.gep(ptr, [b.add(start, ir.Constant(_I64, i))])
+            b.store(vec, b.bitcast(p, ty.as_pointer()), align=1)
 
-            def put(ptr, start, i, vec, ty):
-                p = b.gep(ptr, [b.add(start, ir.Constant(_I64, i))])
-                b.store(vec, b.bitcast(p, ty.as_pointer()), align=1)
-
-            store_w = lambda i, v: put(wp, wo, 64 * i, v, _V16I32)  # noqa: E731
-            store_s = lambda j, v: put(sp, so, 16 * j, v, _V16F32)  # noqa: E731
-            store_m = lambda j, v: put(mp, mo, 16 * j, v, _V16F32)  # noqa: E731
-            if kind in (Q4_K, Q5_K):
-                head = at(0)
-                d, dmin = _half_to_f32(b, head), _half_to_f32(b, b.lshr(head, c(16)))
-                u0, u1, u2 = at(4), at(8), at(12)
-                for j in range(N_SUB32):
-                    sc, mn = _scales_k4(b, u0, u1, u2, j)
-                    store_s(j, b.fmul(d, b.sitofp(sc, _V16F32)))
-                    store_m(j, b.fmul(dmin, b.sitofp(mn, _V16F32)))
-                qs, qh = (16, None) if kind == Q4_K else (48, 16)
-                for cc in range(4):  # qs[32c + l]: low nibble weight 64c + l, high 64c + 32 + l
-                    for i in range(8):
-                        g = at(qs + 32 * cc + 4 * i)
-                        for half in range(2):
-                            j = 2 * cc + half
-                            u = b.and_(b.lshr(g, c(4 * half)), c(0x0F0F0F0F))
-                            if qh is not None:  # 5th bit of weight 32j + l: bit j of qh[l]
-                                hb = b.and_(b.lshr(at(qh + 4 * i), c(j)), c(0x01010101))
-                                u = b.or_(u, b.shl(hb, c(4)))
-                            store_w(8 * j + i, u)
-                return context.get_dummy_value()
-            d = _half_to_f32(b, b.lshr(at(206), c(16)))  # bytes 208-209 (no read past block)
-            for j in range(N_SUB16):
-                word = at(192 + 4 * (j // 4))
-                sc = b.ashr(b.shl(word, c(24 - 8 * (j % 4))), c(24))  # int8 scale j
+        store_w = lambda i, v: put(wp, wo, 64 * i, v, _V16I32)  # noqa: E731
+        store_s = lambda j, v: put(sp, so, 16 * j, v, _V16F32)  # noqa: E731
+        store_m = lambda j, v: put(mp, mo, 16 * j, v, _V16F32)  # noqa: E731
+        if kind in (Q4_K, Q5_K):
+            head = at(0)
+            d, dmin = _half_to_f32(b, head), _half_to_f32(b, b.lshr(head, c(16)))
+            u0, u1, u2 = at(4), at(8), at(12)
+            for j in range(N_SUB32):
+                sc, mn = _scales_k4(b, u0, u1, u2, j)
                 store_s(j, b.fmul(d, b.sitofp(sc, _V16F32)))
-            for i in range(K_VECTORS):
-                n = 4 * i
-                h, r = divmod(n, 128)
-                quarter, ll = divmod(r, 32)
-                low = b.and_(b.lshr(at(64 * h + 32 * (quarter % 2) + ll), c(4 * (quarter // 2))),
-                             c(0x0F0F0F0F))
-                high = b.and_(b.lshr(at(128 + 32 * h + ll), c(2 * quarter)), c(0x03030303))
-                store_w(i, b.or_(low, b.shl(high, c(4))))
+                store_m(j, b.fmul(dmin, b.sitofp(mn, _V16F32)))
+            qs, qh = (16, None) if kind == Q4_K else (48, 16)
+            for cc in range(4):  # qs[32c + l]: low nibble weight 64c + l, high 64c + 32 + l
+                for i in range(8):
+                    g = at(qs + 32 * cc + 4 * i)
+                    for half in range(2):
+                        j = 2 * cc + half
+                        u = b.and_(b.lshr(g, c(4 * half)), c(0x0F0F0F0F))
+                        if qh is not None:  # 5th bit of weight 32j + l: bit j of qh[l]
+                            hb = b.and_(b.lshr(at(qh + 4 * i), c(j)), c(0x01010101))
+                            u = b.or_(u, b.shl(hb, c(4)))
+                        store_w(8 * j + i, u)
             return context.get_dummy_value()
+        d = _half_to_f32(b, b.lshr(at(206), c(16)))  # bytes 208-209 (no read past block)
+        for j in range(N_SUB16):
+            word = at(192 + 4 * (j // 4))
+            sc = b.ashr(b.shl(word, c(24 - 8 * (j % 4))), c(24))  # int8 scale j
+            store_s(j, b.fmul(d, b.sitofp(sc, _V16F32)))
+        for i in range(K_VECTORS):
+            n = 4 * i
+            h, r = divmod(n, 128)
+            quarter, ll = divmod(r, 32)
+            low = b.and_(b.lshr(at(64 * h + 32 * (quarter % 2) + ll), c(4 * (quarter // 2))),
+                         c(0x0F0F0F0F))
+            high = b.and_(b.lshr(at(128 + 32 * h + ll), c(2 * quarter)), c(0x03030303))
+            store_w(i, b.or_(low, b.shl(high, c(4))))
+        return context.get_dummy_value()
 
-        return sig, codegen
-
-    return repack
+    return codegen
 
 
 def _tile_k(kind: int):
-    """Intrinsic (w, dsc, dmm, xq, xd, xs32, xs16, n_sb, padded, t0, out): out[16 t + r] for
-    the 16 repacked rows and tokens t0 .. t0 + TILE_TOKENS of the block-major Q8_K x."""
+    """Code of tile_k(kind, w, dsc, dmm, xq, xd, xs32, xs16, n_sb, padded, t0, out): out[16 t +
+    r] for the 16 repacked rows and tokens t0 .. t0 + TILE_TOKENS of the block-major Q8_K x."""
     sub, mins = SUB[kind], K_MINS[kind]
     groups, n_sub = sub // 4, QK_K // sub
 
-    @intrinsic
-    def tile(typingctx, w, dsc, dmm, xq, xd, xs32, xs16, n_sb, padded, t0, out):
-        sig = types.none(w, dsc, dmm, xq, xd, xs32, xs16, n_sb, padded, t0, out)
-
-        def codegen(context, builder, sig, args):
-            b = builder
-            i64 = lambda v: ir.Constant(_I64, v)  # noqa: E731
-            wp = _data(context, b, sig.args[0], args[0], _V16I32)
-            sp = _data(context, b, sig.args[1], args[1], _V16F32)
-            mp = _data(context, b, sig.args[2], args[2], _V16F32)
-            qp = _data(context, b, sig.args[3], args[3], _I32)
-            xdp = _data(context, b, sig.args[4], args[4], _F32)
-            s32p = _data(context, b, sig.args[5], args[5], _F32)
-            s16p = _data(context, b, sig.args[6], args[6], _I32)
-            outp = _data(context, b, sig.args[10], args[10], _V16F32)
-            nb, padded, t0 = (context.cast(b, args[i], sig.args[i], types.int64) for i in (7, 8, 9))
-            fma = cgutils.get_or_insert_function(
-                b.module, ir.FunctionType(_V16F32, [_V16F32] * 3), "llvm.fma.v16f32")
-            zero_f, zero_i = ir.Constant(_V16F32, None), ir.Constant(_V16I32, None)
-            pre = b.block
-            loop, done = b.append_basic_block("tilek.loop"), b.append_basic_block("tilek.done")
-            b.cbranch(b.icmp_signed(">", nb, i64(0)), loop, done)
-            b.position_at_end(loop)
-            sb = b.phi(_I64)
-            accs = [b.phi(_V16F32) for _ in range(TILE_TOKENS)]
-            slot0 = b.add(b.mul(sb, padded), t0)
-            slots = [b.add(slot0, i64(t)) for t in range(TILE_TOKENS)]
-            part = [zero_f] * TILE_TOKENS  # this super-block's sum, before x's scale
-            for j in range(n_sub):
-                wv = [b.load(b.gep(wp, [b.add(b.mul(sb, i64(K_VECTORS)), i64(groups * j + i))]),
-                             align=1) for i in range(groups)]
-                dv = b.load(b.gep(sp, [b.add(b.mul(sb, i64(n_sub)), i64(j))]), align=4)
-                mv = (b.load(b.gep(mp, [b.add(b.mul(sb, i64(n_sub)), i64(j))]), align=4)
-                      if mins else None)
-                for t in range(TILE_TOKENS):
-                    if mins:
-                        dot = zero_i
-                    else:
-                        seed = b.load(b.gep(s16p, [b.add(b.mul(slots[t], i64(N_SUB16)), i64(j))]))
-                        dot = _splat(b, seed, _V16I32)
-                    q0 = b.add(b.mul(slots[t], i64(K_VECTORS)), i64(groups * j))
-                    for i in range(groups):
-                        xv = b.load(b.gep(qp, [b.add(q0, i64(i))]), align=1)
-                        dot = _call(b, "llvm.x86.avx512.vpdpbusd.512", _V16I32,
-                                    [dot, wv[i], _splat(b, xv, _V16I32)])
-                    part[t] = b.call(fma, [b.sitofp(dot, _V16F32), dv, part[t]])
-                    if mins:
-                        nsx = b.load(b.gep(s32p, [b.add(b.mul(slots[t], i64(N_SUB32)), i64(j))]))
-                        part[t] = b.call(fma, [mv, _splat(b, nsx, _V16F32), part[t]])
-            new = []
+    def codegen(context, builder, sig, args):
+        b = builder
+        i64 = lambda v: ir.Constant(_I64, v)  # noqa: E731
+        wp = _data(context, b, sig.args[0], args[0], _V16I32)
+        sp = _data(context, b, sig.args[1], args[1], _V16F32)
+        mp = _data(context, b, sig.args[2], args[2], _V16F32)
+        qp = _data(context, b, sig.args[3], args[3], _I32)
+        xdp = _data(context, b, sig.args[4], args[4], _F32)
+        s32p = _data(context, b, sig.args[5], args[5], _F32)
+        s16p = _data(context, b, sig.args[6], args[6], _I32)
+        outp = _data(context, b, sig.args[10], args[10], _V16F32)
+        nb, padded, t0 = (context.cast(b, args[i], sig.args[i], types.int64) for i in (7, 8, 9))
+        fma = cgutils.get_or_insert_function(
+            b.module, ir.FunctionType(_V16F32, [_V16F32] * 3), "llvm.fma.v16f32")
+        zero_f, zero_i = ir.Constant(_V16F32, None), ir.Constant(_V16I32, None)
+        pre = b.block
+        loop, done = b.append_basic_block("tilek.loop"), b.append_basic_block("tilek.done")
+        b.cbranch(b.icmp_signed(">", nb, i64(0)), loop, done)
+        b.position_at_end(loop)
+        sb = b.phi(_I64)
+        accs = [b.phi(_V16F32) for _ in range(TILE_TOKENS)]
+        slot0 = b.add(b.mul(sb, padded), t0)
+        slots = [b.add(slot0, i64(t)) for t in range(TILE_TOKENS)]
+        part = [zero_f] * TILE_TOKENS  # this super-block's sum, before x's scale
+        for j in range(n_sub):
+            wv = [b.load(b.gep(wp, [b.add(b.mul(sb, i64(K_VECTORS)), i64(groups * j + i))]),
+                         align=1) for i in range(groups)]
+            dv = b.load(b.gep(sp, [b.add(b.mul(sb, i64(n_sub)), i64(j))]), align=4)
+            mv = (b.load(b.gep(mp, [b.add(b.mul(sb, i64(n_sub)), i64(j))]), align=4)
+                  if mins else None)
             for t in range(TILE_TOKENS):
-                xd = _splat(b, b.load(b.gep(xdp, [slots[t]]), align=4), _V16F32)
-                new.append(b.call(fma, [part[t], xd, accs[t]]))
-            nxt = b.add(sb, i64(1))
-            end = b.block
-            sb.add_incoming(i64(0), pre)
-            sb.add_incoming(nxt, end)
-            for acc, value in zip(accs, new, strict=True):
-                acc.add_incoming(zero_f, pre)
-                acc.add_incoming(value, end)
-            b.cbranch(b.icmp_signed("<", nxt, nb), loop, done)
-            b.position_at_end(done)
-            phis = [b.phi(_V16F32) for _ in new]
-            for t, (phi, value) in enumerate(zip(phis, new, strict=True)):
-                phi.add_incoming(zero_f, pre)
-                phi.add_incoming(value, end)
-                b.store(phi, b.gep(outp, [i64(t)]), align=4)
-            return context.get_dummy_value()
+                if mins:
+                    dot = zero_i
+                else:
+                    seed = b.load(b.gep(s16p, [b.add(b.mul(slots[t], i64(N_SUB16)), i64(j))]))
+                    dot = _splat(b, seed, _V16I32)
+                q0 = b.add(b.mul(slots[t], i64(K_VECTORS)), i64(groups * j))
+                for i in range(groups):
+                    xv = b.load(b.gep(qp, [b.add(q0, i64(i))]), align=1)
+                    dot = _call(b, "llvm.x86.avx512.vpdpbusd.512", _V16I32,
+                                [dot, wv[i], _splat(b, xv, _V16I32)])
+                part[t] = b.call(fma, [b.sitofp(dot, _V16F32), dv, part[t]])
+                if mins:
+                    nsx = b.load(b.gep(s32p, [b.add(b.mul(slots[t], i64(N_SUB32)), i64(j))]))
+                    part[t] = b.call(fma, [mv, _splat(b, nsx, _V16F32), part[t]])
+        new = []
+        for t in range(TILE_TOKENS):
+            xd = _splat(b, b.load(b.gep(xdp, [slots[t]]), align=4), _V16F32)
+            new.append(b.call(fma, [part[t], xd, accs[t]]))
+        nxt = b.add(sb, i64(1))
+        end = b.block
+        sb.add_incoming(i64(0), pre)
+        sb.add_incoming(nxt, end)
+        for acc, value in zip(accs, new, strict=True):
+            acc.add_incoming(zero_f, pre)
+            acc.add_incoming(value, end)
+        b.cbranch(b.icmp_signed("<", nxt, nb), loop, done)
+        b.position_at_end(done)
+        phis = [b.phi(_V16F32) for _ in new]
+        for t, (phi, value) in enumerate(zip(phis, new, strict=True)):
+            phi.add_incoming(zero_f, pre)
+            phi.add_incoming(value, end)
+            b.store(phi, b.gep(outp, [i64(t)]), align=4)
+        return context.get_dummy_value()
 
-        return sig, codegen
-
-    return tile
+    return codegen
 
 
 @njit(cache=True, parallel=True)
@@ -498,8 +499,19 @@ def _block_major_q8k(xs, padded, xq, xd, xs32, xs16):
                 xs32[s * N_SUB32 + j // 2] -= np.float32(total)
 
 
+@intrinsic
+def repack_k(typingctx, kind, raw, off, row_bytes, n_valid, w, wo, dsc, so, dmm, mo):
+    return _by_kind(_repack_k, K_KINDS, kind, (raw, off, row_bytes, n_valid, w, wo, dsc, so, dmm,
+                                               mo))
+
+
+@intrinsic
+def tile_k(typingctx, kind, w, dsc, dmm, xq, xd, xs32, xs16, n_sb, padded, t0, out):
+    return _by_kind(_tile_k, K_KINDS, kind, (w, dsc, dmm, xq, xd, xs32, xs16, n_sb, padded, t0,
+                                             out))
+
+
 def _compile_k(kind: int):
-    repack, tile = _repack_k(kind), _tile_k(kind)
     ts, n_sub = LAYOUTS[T(kind)].type_size, QK_K // SUB[kind]
 
     @njit(cache=True, parallel=True)
@@ -517,11 +529,11 @@ def _compile_k(kind: int):
             dsc = np.empty(n_sb * n_sub * ROWS, np.float32)
             dmm = np.empty(n_sb * n_sub * ROWS, np.float32)
             for s in range(n_sb):
-                repack(flat, r0 * row_bytes + s * ts, row_bytes, n_valid, w, s * QK_K * ROWS,
-                       dsc, s * n_sub * ROWS, dmm, s * n_sub * ROWS)
+                repack_k(kind, flat, r0 * row_bytes + s * ts, row_bytes, n_valid, w,
+                         s * QK_K * ROWS, dsc, s * n_sub * ROWS, dmm, s * n_sub * ROWS)
             out = np.empty(TILE_TOKENS * ROWS, np.float32)
             for t0 in range(0, padded, TILE_TOKENS):
-                tile(w, dsc, dmm, xq, xd, xs32, xs16, n_sb, padded, t0, out)
+                tile_k(kind, w, dsc, dmm, xq, xd, xs32, xs16, n_sb, padded, t0, out)
                 for t in range(min(TILE_TOKENS, n_tokens - t0)):
                     for r in range(n_valid):
                         ys[t0 + t, r0 + r] = out[t * ROWS + r]
