@@ -2,11 +2,16 @@
 
 Matvec speeds alone predict a Python engine's token latency 2x too low (reports/ring.md): a
 decode step also runs norms, rope, attention, the KV store, activations and the interpreter
-between kernels. Timing those pieces one by one still priced a real generation ~20 % low (the
-00:01 ring report: 10.0 ms predicted, 12.0 measured at 1 rank): each piece timed alone, over
-the same input and the same logits, leaves out what a real step adds (the generation loop's
-checks and streaming, fresh logits for the sampler, the head read after the layers have
-evicted it from the caches). So the figures the planner uses come from a real generation:
+between kernels. Timing those pieces one by one still priced a real generation ~20 % low on
+a VNNI machine (reports/ring.md of 2026-12-02 00:01: 10.0 ms predicted, 12.0 measured at
+1 rank, CPU time equal to wall time): a piece timed alone, over and over, leaves out what a
+real step adds around it: the loop's checks and streaming, fresh logits for the sampler, and
+caches that the rest of the step has filled. The likeliest part of it (not verified: on a
+2-core VM without VNNI, whose kernels are compute-bound, pieces and real steps agree within
+1 %) is the cache: that znver4 guest shares a 260 MiB host L3 (reports/profile.md: the 29 MiB
+Q8_0 head alone ran at 23 GB/s, the layers at 6.7), and the pieces' working sets (63 MiB of
+layers, then the head alone) stay cached better than a real step's 92 MiB in turn. So the
+figures the planner uses come from a real generation:
 
 - generation (`step`): `Engine.generate` with prima-cli's default sampling chain on a real
   prompt, text streamed through the tokenizer's StreamDecoder as prima-cli streams it, the
@@ -290,7 +295,7 @@ def decode_extra(result: DecodeResult) -> dict:
     out = {"definition": definition,
            "clock": result.clock + (" (1 thread: CPU time, so other processes' time slices "
                                     "do not count)" if result.clock == "cpu" else ""),
-           "pieces_layer_ms": result.mix_layer_ms, "pieces_pos": result.pos,
+           "pieces_layer_ms": result.mix_layer_ms, "n_ctx_pieces": result.pos + 1,
            "head_ms": result.head_ms.mean, "head_ms_std": result.head_ms.std,
            "sample_ms": result.sample_ms.mean, "sample_ms_std": result.sample_ms.std,
            "sample_greedy_ms": result.sample_greedy_ms.mean,
@@ -301,6 +306,7 @@ def decode_extra(result: DecodeResult) -> dict:
     if step is not None:
         out["generation"] = {"step_ms": step.step_ms.mean, "step_ms_std": step.step_ms.std,
                              "layers_ms": step.layers_ms.mean,
-                             "layers_ms_std": step.layers_ms.std, "tokens": step.tokens,
-                             "repeats": len(step.step_ms.samples), "mean_pos": step.mean_pos}
+                             "layers_ms_std": step.layers_ms.std, "n_tokens": step.tokens,
+                             "repeats": len(step.step_ms.samples),
+                             "n_ctx_mean": step.mean_pos + 1}
     return out
