@@ -238,7 +238,8 @@ def _profile_model(info, threads: int, s: Settings, decode: bool = True):
                                max_bytes=s.matvec_max_mib << 20, min_seconds=s.sample_s,
                                gen_tokens=s.gen_tokens)
         how = ("real generation steps" if steps.step is not None else
-               "pieces alone: the layers are over the cap for a real generation")
+               "pieces alone: the layers are over the byte cap, or every generation "
+               "tried ended at once")
         log(f"decode: {steps.layer_ms:.3f} ms per layer, fixed {steps.fixed_ms:.3f} ms "
             f"({how}); pieces: layer {steps.mix_layer_ms:.3f} ({len(steps.mixes)} quant "
             f"mixes), head {steps.head_ms.mean:.3f}, sampling {steps.sample_ms.mean:.3f}; "

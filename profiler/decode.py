@@ -52,6 +52,7 @@ from profiler.stats import Stat, repeat
 DECODE_POS = 32  # position the pieces' token is decoded at: a short context, after a prompt
 GEN_PROMPT = "Once upon a time, in a small village by the sea, there lived"
 GEN_TOKENS = 16  # steps per generation sample: each repeat is one generation
+SEED_TRIES = 5  # seeds tried per sample before giving up on a model that ends at once
 _LAYER = re.compile(r"^blk\.(\d+)\.")
 
 
@@ -74,6 +75,10 @@ class MixResult:
     n_timed: int  # of those, timed per pass
     layer_bytes: float  # weight bytes of one such layer
     layer_ms: Stat
+
+
+class GenerationTooShort(RuntimeError):
+    """Every seed tried drew an end-of-generation token before one decode step."""
 
 
 @dataclass(frozen=True)
@@ -159,8 +164,11 @@ def decode_profile(model_path, *, threads: int, repeats: int, max_bytes: int,
         layers_bytes = sum(hi - lo for lo, hi in ranges.values())
     step = None
     if generation and layers_bytes <= max_bytes:
-        step = time_generation(model_path, tokens=gen_tokens, repeats=repeats,
-                               cpu_clock=threads == 1)
+        try:
+            step = time_generation(model_path, tokens=gen_tokens, repeats=repeats,
+                                   cpu_clock=threads == 1)
+        except GenerationTooShort:  # the model ends every try at once: the pieces then
+            step = None
     return DecodeResult(mixes=tuple(mixes), head_ms=head, sample_ms=sample,
                         sample_greedy_ms=greedy, pos=pos, threads=threads,
                         clock="cpu" if threads == 1 else "wall", step=step)
@@ -203,14 +211,24 @@ def time_generation(model_path, *, tokens: int, repeats: int, cpu_clock: bool,
         out, _ = engine.generate(ids, tokens + 1, Sampler(SamplingParams(seed=seed)),
                                  on_text=emit, on_logits=mark)
         if len(marks) < 2:
-            raise RuntimeError(f"the generation ended after {len(out)} tokens: no decode step")
+            raise GenerationTooShort(f"the generation ended after {len(out)} tokens")
         (c0, l0), (c1, l1) = marks[0], marks[-1]
         n = len(marks) - 1
         return (c1 - c0) * 1e3 / n, (l1 - l0) * 1e3 / n, len(ids) + (n - 1) / 2
 
+    def some(seed: int) -> tuple[float, float, float]:
+        """one(seed), or with the next seeds where the model ends at once (EOG first)."""
+        for s in range(seed, seed + 100 * SEED_TRIES, 100):
+            try:
+                return one(s)
+            except GenerationTooShort:
+                last = s
+        raise GenerationTooShort(f"{SEED_TRIES} generations up to seed {last} ended before "
+                                 "a decode step")
+
     try:
-        one(0)  # warm-up: kernels loaded, pages in
-        runs = [one(1 + r) for r in range(max(1, repeats))]
+        some(0)  # warm-up: kernels loaded, pages in
+        runs = [some(1 + r) for r in range(max(1, repeats))]
     finally:
         sink.close()
         engine.close()
