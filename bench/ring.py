@@ -54,7 +54,8 @@ def decode_run(model, sizes, n_predict) -> dict:
         ids = engine.tokenizer.encode(PROMPT, add_special=True, parse_special=True)
         engine.eval(ids)  # the prompt first, so the CPU time below is decode's
         cpu0 = _cpu_s(pids)
-        out, t = engine.generate(ids, n_predict, Sampler(SamplingParams(**SAMPLING)))
+        out, t = engine.generate(ids, n_predict, Sampler(SamplingParams(**SAMPLING)),
+                                 on_text=_emit)
         cpu_s = _cpu_s(pids) - cpu0
         return {"tokens": out, "ms_per_token": t.eval_ms / max(t.eval_tokens, 1),
                 # decode's forwards plus the last prompt token's, each with its sampling
@@ -89,6 +90,15 @@ def decode_run(model, sizes, n_predict) -> dict:
     return res
 
 
+_SINK = open(os.devnull, "w")  # noqa: SIM115  (the process's lifetime)
+
+
+def _emit(text: str) -> None:
+    """prima-cli's _emit (text streamed as it comes), to nowhere: its cost counts, as there."""
+    _SINK.write(text)
+    _SINK.flush()
+
+
 def _cpu_s(pids: list[int]) -> float:
     """CPU seconds of this process and of the given children so far (user + system)."""
     tick = os.sysconf("SC_CLK_TCK")
@@ -111,9 +121,9 @@ def _hop_ms(head, n_floats: int, world: int) -> dict:
 # The planner's prediction for the same plans, from profile-tool's profile of this machine
 
 
-def measure_profile(model, tmp: Path) -> dict:
+def measure_profile(model, tmp: Path, quick: bool = False) -> dict:
     """profile-tool on this machine at THREADS threads, the network measured to a
-    `profile-tool --listen` on loopback (what the ring's hops cross here)."""
+    `profile-tool --listen` on loopback (what the ring's hops cross here); quick: its --quick."""
     import subprocess
 
     from profiler.cli import main as profile_tool
@@ -127,7 +137,8 @@ def measure_profile(model, tmp: Path) -> dict:
         time.sleep(1.0)  # the listener binds
         out = tmp / "box.json"
         rc = profile_tool(["-m", str(model), "-t", str(THREADS), "--no-disk", "--no-gpu",
-                           "--peer", f"127.0.0.1:{port}", "--name", "box", "-o", str(out)])
+                           "--peer", f"127.0.0.1:{port}", "--name", "box", "-o", str(out)]
+                          + (["--quick"] if quick else []))
         if rc not in (0, 1):  # 1: disk not measured, which --no-disk asks for
             raise SystemExit(f"profile-tool failed with exit status {rc}")
     finally:
@@ -174,9 +185,10 @@ def main(argv=None) -> int:
              f"- model: {model.name}; {n_predict} tokens with prima-cli's default sampling "
              f"chain seeded ({SAMPLING}), ctx {CTX}, {THREADS} thread per rank, every rank a "
              "process on this machine (they take turns on the same cores)",
-             "- command: `flock /tmp/prima-bench.lock .venv/bin/python bench/ring.py`", ""]
+             "- command: `flock /tmp/prima-bench.lock .venv/bin/python bench/ring.py"
+             + "".join(f" {a}" for a in (sys.argv[1:] if argv is None else argv)) + "`", ""]
     tmp = Path(tempfile.mkdtemp(prefix="bench-ring-prof-"))
-    profile = measure_profile(model, tmp)
+    profile = measure_profile(model, tmp, quick=args.quick)
     profile["extra"]["bench_load_1min"] = os.getloadavg()[0]  # at the end of profiling
     results = {m: decode_run(model, sizes, n_predict) for m, sizes in SPLITS.items()}
     ref = results["1"]["tokens"]
@@ -215,16 +227,27 @@ def prediction_lines(model, profile: dict, results: dict) -> list[str]:
     dec = profile["cpu"]["decode"][0]
     ex = profile["extra"]["models"][0]["cpu_decode"]
     ring = profile.get("ring") or {"window_ms": 0.0, "round_ms": 0.0}
+    gen = ex.get("generation")
+    if gen is not None:
+        how = (f"real generation steps (Engine.generate with the default chain, text streamed, "
+               f"{gen['n_tokens']} steps x {gen['repeats']}, mean context "
+               f"{gen['n_ctx_mean']:.0f}): "
+               f"{gen['step_ms']:.2f} ms a step, {gen['layers_ms']:.2f} of it in "
+               "Transformer.forward_layers; the planner gets")
+    else:
+        how = "the pieces timed alone (no real generation in this profile):"
     lines = ["## Measured token latency vs the planner's prediction (same plan)", "",
              "The device profile is profile-tool's, run on this machine just before "
-             f"(`profile-tool -m {model.name} -t {THREADS} --no-disk --peer 127.0.0.1:PORT`, "
+             f"(`profile-tool -m {model.name} -t {THREADS} --no-disk --peer 127.0.0.1:PORT"
+             f"{' --quick' if profile['extra'].get('quick') else ''}`, "
              "the peer a `profile-tool --listen` on loopback; load average "
-             f"{profile['extra']['bench_load_1min']:.2f} when it ended). Schema v2's "
-             "`cpu.decode` holds "
-             f"whole decode steps: {dec['layer_ms']:.3f} ms per layer "
-             f"(Transformer.forward_layers at position {dec['n_ctx'] - 1}; {ex['clock']}), "
-             f"fixed {dec['fixed_ms']:.2f} ms per token (embedding + output head "
-             f"{ex['head_ms']:.2f} ms, sampling {ex['sample_ms']:.2f} ms); network "
+             f"{profile['extra']['bench_load_1min']:.2f} when it ended). Its `cpu.decode` "
+             f"holds {how} {dec['layer_ms']:.3f} ms per layer (the layers' time / "
+             f"{N_LAYERS}) and fixed {dec['fixed_ms']:.2f} ms per token (the rest of the "
+             f"step), timed at context {dec['n_ctx']}; {ex['clock']}. The pieces timed alone, "
+             f"for comparison: a layer {ex.get('pieces_layer_ms', dec['layer_ms']):.3f} ms "
+             f"(context {ex.get('n_ctx_pieces', dec['n_ctx'])}), embedding + output head "
+             f"{ex['head_ms']:.2f} ms, sampling {ex['sample_ms']:.2f} ms. Network "
              f"{profile['network']['latency_ms']:.3f} ms one way. Schema v3's `ring` holds "
              "the ring runtime's own CPU work, timed by profile-tool on a 2-rank loopback ring "
              f"(-lw 0,1: one window of one layer per round): {ring['window_ms']:.3f} ms per "
@@ -233,7 +256,8 @@ def prediction_lines(model, profile: dict, results: dict) -> list[str]:
              "beyond its head; the planner adds them to each hop term (a worker's per window, "
              "rank 0's per round). Every rank is given this profile; the prediction is "
              "planner.latency.predict for the plan's split at the run's mean decode context "
-             "(prompt + half the generated tokens).", "",
+             "(prompt + half the generated tokens). The bench's generations stream their text "
+             "as prima-cli does (StreamDecoder, written to /dev/null).", "",
              "Matvec-only columns: the same profile without `cpu.decode` and `ring` (a v1 "
              "profile: layers priced from matvec speeds, hops by the network alone).", "",
              "CPU columns: the ranks' CPU time per token (Decode speed above) against the same "

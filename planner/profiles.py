@@ -63,7 +63,8 @@ class DecodeCost:
     n_layers: int
     layer_bytes: float  # weight bytes of the average layer
     layer_ms: float  # one token through the average layer, KV store included
-    fixed_ms: float  # embedding row + output norm and head + sampling
+    fixed_ms: float  # rank 0's rest of a step: embedding, output norm and head, sampling, the
+    # generation loop (profile-tool times real Engine.generate steps; older files: the pieces)
     n_ctx: int  # KV entries the timed token's attention read (its position + 1)
     n_threads: int
 

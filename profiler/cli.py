@@ -30,6 +30,7 @@ SAMPLE_S = (0.2, 0.05)  # shortest matvec / KV-copy sample: many passes of a sma
 DISK_FILE_MIB = (256, 64)  # temporary file; big enough that random reads are not one region
 DISK_SAMPLE_S = (0.25, 0.1)  # per disk sample, as prima.cpp's fio runtime=1 s over 4 jobs
 NET_SAMPLE_S = (0.3, 0.1)  # bulk send per bandwidth sample
+GEN_TOKENS = (16, 8)  # decode steps per timed generation (real steps: the planner's figures)
 RING_TOKENS = (16, 4)  # tokens per ring sample, each n_layers windows of one layer
 RING_MAX_GIB = 4.0  # the loopback ring's worker maps every layer: only models this small
 LISTEN_TIMEOUT_S = 300.0  # a forgotten `--listen` goes away by itself
@@ -90,6 +91,7 @@ class Settings:
     disk_file_mib: int
     disk_sample_s: float
     net_sample_s: float
+    gen_tokens: int
 
     @classmethod
     def of(cls, args) -> Settings:
@@ -97,7 +99,7 @@ class Settings:
         return cls(repeats=args.repeats or REPEATS[i], ram_buffer_mib=RAM_BUFFER_MIB[i],
                    matvec_max_mib=MATVEC_MAX_MIB[i], sample_s=SAMPLE_S[i],
                    disk_file_mib=DISK_FILE_MIB[i], disk_sample_s=DISK_SAMPLE_S[i],
-                   net_sample_s=NET_SAMPLE_S[i])
+                   net_sample_s=NET_SAMPLE_S[i], gen_tokens=GEN_TOKENS[i])
 
 
 def main(argv=None) -> int:
@@ -233,11 +235,15 @@ def _profile_model(info, threads: int, s: Settings, decode: bool = True):
     if decode:
         t0 = time.perf_counter()
         steps = decode_profile(info.path, threads=threads, repeats=s.repeats,
-                               max_bytes=s.matvec_max_mib << 20, min_seconds=s.sample_s)
-        log(f"decode: {steps.layer_ms:.3f} ms per layer ({len(steps.mixes)} quant mixes), "
-            f"fixed {steps.fixed_ms:.3f} ms (head {steps.head_ms.mean:.3f}, sampling "
-            f"{steps.sample_ms.mean:.3f}); {steps.clock} time, "
-            f"{time.perf_counter() - t0:.1f} s")
+                               max_bytes=s.matvec_max_mib << 20, min_seconds=s.sample_s,
+                               gen_tokens=s.gen_tokens)
+        how = ("real generation steps" if steps.step is not None else
+               "pieces alone: the layers are over the byte cap, or every generation "
+               "tried ended at once")
+        log(f"decode: {steps.layer_ms:.3f} ms per layer, fixed {steps.fixed_ms:.3f} ms "
+            f"({how}); pieces: layer {steps.mix_layer_ms:.3f} ({len(steps.mixes)} quant "
+            f"mixes), head {steps.head_ms.mean:.3f}, sampling {steps.sample_ms.mean:.3f}; "
+            f"{steps.clock} time, {time.perf_counter() - t0:.1f} s")
     return report.ModelRun(info=info, matvec=matvec, kv_copy_ms=kv, input_lookup_ms=lookup,
                            decode=steps)
 

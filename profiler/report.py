@@ -285,6 +285,13 @@ def device_table(run: DeviceRun, digits: int = 2) -> str:
                 row(m.info.label, f"decode ms per layer, {types} ({mix.n_layers} layers, "
                     f"{mix.n_timed} timed, pos {d.pos})", mix.layer_ms.fmt(3))
             row(m.info.label, "decode ms embedding + output head", d.head_ms.fmt(3))
+            if d.step is not None:
+                st = d.step
+                row(m.info.label, f"generation ms per step ({st.tokens} steps, mean pos "
+                    f"{st.mean_pos:.0f})", st.step_ms.fmt(3))
+                row(m.info.label, "generation ms per step in the layers", st.layers_ms.fmt(3))
+                row(m.info.label, "planner: ms per layer / fixed ms per token",
+                    f"{d.layer_ms:.3f} / {d.fixed_ms:.3f}")
             row(m.info.label, "decode ms sampling (default chain / greedy)",
                 f"{d.sample_ms.fmt(3)} / {d.sample_greedy_ms.mean:.3f}", 1)
         if m.input_lookup_ms is not None:

@@ -165,9 +165,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     from profiler.decode import decode_profile
 
-    def layer_ms() -> float:  # one thread, CPU time: what the worker's windows run
+    def layer_ms() -> float:  # one thread, CPU time: a layer alone, as each window runs one
         return decode_profile(args.model, threads=1, repeats=1, max_bytes=args.max_bytes,
-                              min_seconds=args.min_seconds).layer_ms
+                              min_seconds=args.min_seconds, generation=False).mix_layer_ms
 
     before = layer_ms()
     r = _measure(args.model, layer_ms=0.0, tokens=args.tokens, repeats=args.repeats)

@@ -365,6 +365,31 @@ def test_decode_step_is_within_2x_of_timing_a_whole_forward_by_hand(smollm2_path
             tr.forward([1 + i], 32)
             seconds.append(time.process_time() - t0)
     by_hand_ms = float(np.median(seconds)) * 1e3
-    ours_ms = 30 * ours.layer_ms + ours.head_ms.mean
+    ours_ms = 30 * ours.mix_layer_ms + ours.head_ms.mean
     assert by_hand_ms / 2 < ours_ms < by_hand_ms * 2
     assert ours.sample_greedy_ms.mean < ours.sample_ms.mean  # argmax vs the full chain
+
+
+def test_planner_figures_split_real_generation_steps_into_layers_and_the_rest(smollm2_path):
+    """The planner's layer_ms and fixed_ms come from Engine.generate's own steps: n_layers
+    x layer_ms + fixed_ms is the step, the layers inside it, at the generation's context."""
+    from profiler.decode import GEN_PROMPT, decode_profile
+
+    ours = decode_profile(smollm2_path, threads=1, repeats=2, max_bytes=1 << 30,
+                          min_seconds=0.05, gen_tokens=6)
+    step = ours.step
+    assert step is not None and step.tokens == 6 and len(step.step_ms.samples) == 2
+    assert 0 < step.layers_ms.mean < step.step_ms.mean
+    assert 30 * ours.layer_ms + ours.fixed_ms == pytest.approx(step.step_ms.mean)
+    assert ours.fixed_ms > 0 and ours.layer_ms == pytest.approx(step.layers_ms.mean / 30)
+    n_prompt = len(GEN_PROMPT.split())  # SmolLM2 encodes these words as about one token each
+    assert n_prompt < ours.n_ctx < n_prompt + 16
+    # the pieces timed alone price the same code: within 2x of the real steps
+    assert ours.mix_layer_ms / 2 < ours.layer_ms < ours.mix_layer_ms * 2
+    pieces_fixed = ours.head_ms.mean + ours.sample_ms.mean
+    assert pieces_fixed / 2 < ours.fixed_ms < pieces_fixed * 2
+    # over the byte cap only the pieces are timed, and they are what the planner gets
+    small = decode_profile(smollm2_path, threads=1, repeats=1, max_bytes=8 << 20,
+                           min_seconds=0.05)
+    assert small.step is None and small.layer_ms == small.mix_layer_ms
+    assert small.fixed_ms == small.head_ms.mean + small.sample_ms.mean and small.n_ctx == 33
