@@ -87,12 +87,18 @@ class Sampler:
         n = logits.shape[-1]
         if p.temperature <= 0 or p.top_k <= 0 or p.top_k >= n:
             return self.sample_full(logits)
-        z = self.penalized(logits)
+        # without a penalty the vocabulary is ranked in the logits' own float32 (float64 holds
+        # them exactly, so the same order); only the candidates are widened: a float64 copy
+        # and partition of 49k logits cost several times a float32 partition
+        penalty = p.repeat_penalty != 1.0 and self.recent
+        z = self.penalized(logits) if penalty else np.asarray(logits)
         # the first top_k of a stable descending argsort: everything >= the k-th largest value,
         # ties in ascending id order (flatnonzero is ascending, the sort below is stable)
         kth = np.partition(z, n - p.top_k)[n - p.top_k]
         cand = np.flatnonzero(z >= kth)
-        keep, probs = self.truncate(z, cand[np.argsort(-z[cand], kind="stable")][: p.top_k])
+        zc = z[cand].astype(np.float64)  # (n_candidates,)
+        kept, probs = self.truncate(zc, np.argsort(-zc, kind="stable")[: p.top_k])
+        keep = cand[kept]
         order = np.argsort(keep)  # token-id order, as the full-vocabulary array has them
         token = int(keep[order][self.rng.choice(keep.size, p=probs[order])])
         self.accept(token)
