@@ -85,6 +85,43 @@ def _half_to_f32(b, words):
     return b.fpext(h, _V16F32)
 
 
+_ZERO_F, _ZERO_I = ir.Constant(_V16F32, None), ir.Constant(_V16I32, None)
+
+
+def _tile_loop(context, b, sig, args, elems, label, body):
+    """The frame both tile intrinsics share (args: 7 arrays, n, padded, t0, out): pointers to
+    the 7 arrays (elems their element types), a loop over the n blocks (or super-blocks) with
+    TILE_TOKENS float32x16 accumulators, body(b, index, accs, ptrs, padded, t0, fma) -> the
+    accumulators after that block, and the final ones stored at out[0:TILE_TOKENS]."""
+    ptrs = [_data(context, b, sig.args[i], args[i], e) for i, e in enumerate(elems)]
+    outp = _data(context, b, sig.args[10], args[10], _V16F32)
+    nb, padded, t0 = (context.cast(b, args[i], sig.args[i], types.int64) for i in (7, 8, 9))
+    fma = cgutils.get_or_insert_function(
+        b.module, ir.FunctionType(_V16F32, [_V16F32] * 3), "llvm.fma.v16f32")
+    pre = b.block
+    loop, done = b.append_basic_block(f"{label}.loop"), b.append_basic_block(f"{label}.done")
+    b.cbranch(b.icmp_signed(">", nb, ir.Constant(_I64, 0)), loop, done)
+    b.position_at_end(loop)
+    idx = b.phi(_I64)
+    accs = [b.phi(_V16F32) for _ in range(TILE_TOKENS)]
+    new = body(b, idx, accs, ptrs, padded, t0, fma)
+    nxt = b.add(idx, ir.Constant(_I64, 1))
+    end = b.block
+    idx.add_incoming(ir.Constant(_I64, 0), pre)
+    idx.add_incoming(nxt, end)
+    for acc, value in zip(accs, new, strict=True):
+        acc.add_incoming(_ZERO_F, pre)
+        acc.add_incoming(value, end)
+    b.cbranch(b.icmp_signed("<", nxt, nb), loop, done)
+    b.position_at_end(done)
+    phis = [b.phi(_V16F32) for _ in new]  # every phi first: LLVM wants them atop the block
+    for t, (phi, value) in enumerate(zip(phis, new, strict=True)):
+        phi.add_incoming(_ZERO_F, pre)
+        phi.add_incoming(value, end)
+        b.store(phi, b.gep(outp, [ir.Constant(_I64, t)]), align=4)
+    return context.get_dummy_value()
+
+
 def _repack(kind: int):
     """Code of repack(kind, raw, off, row_bytes, n_valid, w, wo, d, m, so): the block at byte
     off of 16 rows (row r at off + r * row_bytes; rows >= n_valid read as zero) as 8 vectors of
@@ -148,26 +185,8 @@ def _tile(kind: int):
     out[16 t + r] = sum over blocks of d_r dx_t (u_r . qx_t + seed_t) (+ m_r s_t with a min)."""
     has_min = HAS_MIN[kind]
 
-    def codegen(context, builder, sig, args):
-        b = builder
-        wp = _data(context, b, sig.args[0], args[0], _V16I32)
-        dp = _data(context, b, sig.args[1], args[1], _V16F32)
-        mp = _data(context, b, sig.args[2], args[2], _V16F32)
-        qp = _data(context, b, sig.args[3], args[3], _I32)  # 4 int8 per dword
-        dxp = _data(context, b, sig.args[4], args[4], _F32)
-        sp = _data(context, b, sig.args[5], args[5], _I32)
-        dsp = _data(context, b, sig.args[6], args[6], _F32)
-        outp = _data(context, b, sig.args[10], args[10], _V16F32)
-        nb, padded, t0 = (context.cast(b, args[i], sig.args[i], types.int64) for i in (7, 8, 9))
-        fma = cgutils.get_or_insert_function(
-            b.module, ir.FunctionType(_V16F32, [_V16F32] * 3), "llvm.fma.v16f32")
-        zero_f, zero_i = ir.Constant(_V16F32, None), ir.Constant(_V16I32, None)
-        pre = b.block
-        loop, done = b.append_basic_block("tile.loop"), b.append_basic_block("tile.done")
-        b.cbranch(b.icmp_signed(">", nb, ir.Constant(_I64, 0)), loop, done)
-        b.position_at_end(loop)
-        blk = b.phi(_I64)
-        accs = [b.phi(_V16F32) for _ in range(TILE_TOKENS)]
+    def body(b, blk, accs, ptrs, padded, t0, fma):
+        wp, dp, mp, qp, dxp, sp, dsp = ptrs
         wv = [b.load(b.gep(wp, [b.add(b.mul(blk, ir.Constant(_I64, GROUPS)),
                                       ir.Constant(_I64, i))]), align=1)
               for i in range(GROUPS)]
@@ -178,7 +197,7 @@ def _tile(kind: int):
         for t, acc in enumerate(accs):
             slot = b.add(slot0, ir.Constant(_I64, t))
             if has_min:
-                dot = zero_i
+                dot = _ZERO_I
             else:
                 dot = _splat(b, b.load(b.gep(sp, [slot]), align=4), _V16I32)
             q0 = b.mul(slot, ir.Constant(_I64, GROUPS))
@@ -192,21 +211,11 @@ def _tile(kind: int):
                 s = _splat(b, b.load(b.gep(dsp, [slot]), align=4), _V16F32)
                 acc = b.call(fma, [mv, s, acc])
             new.append(acc)
-        nxt = b.add(blk, ir.Constant(_I64, 1))
-        end = b.block
-        blk.add_incoming(ir.Constant(_I64, 0), pre)
-        blk.add_incoming(nxt, end)
-        for acc, value in zip(accs, new, strict=True):
-            acc.add_incoming(zero_f, pre)
-            acc.add_incoming(value, end)
-        b.cbranch(b.icmp_signed("<", nxt, nb), loop, done)
-        b.position_at_end(done)
-        phis = [b.phi(_V16F32) for _ in new]
-        for t, (phi, value) in enumerate(zip(phis, new, strict=True)):
-            phi.add_incoming(zero_f, pre)
-            phi.add_incoming(value, end)
-            b.store(phi, b.gep(outp, [ir.Constant(_I64, t)]), align=4)
-        return context.get_dummy_value()
+        return new
+
+    def codegen(context, builder, sig, args):
+        elems = (_V16I32, _V16F32, _V16F32, _I32, _F32, _I32, _F32)  # qxb: 4 int8 per dword
+        return _tile_loop(context, builder, sig, args, elems, "tile", body)
 
     return codegen
 
@@ -400,30 +409,12 @@ def _tile_k(kind: int):
     sub, mins = SUB[kind], K_MINS[kind]
     groups, n_sub = sub // 4, QK_K // sub
 
-    def codegen(context, builder, sig, args):
-        b = builder
+    def body(b, sb, accs, ptrs, padded, t0, fma):
+        wp, sp, mp, qp, xdp, s32p, s16p = ptrs
         i64 = lambda v: ir.Constant(_I64, v)  # noqa: E731
-        wp = _data(context, b, sig.args[0], args[0], _V16I32)
-        sp = _data(context, b, sig.args[1], args[1], _V16F32)
-        mp = _data(context, b, sig.args[2], args[2], _V16F32)
-        qp = _data(context, b, sig.args[3], args[3], _I32)
-        xdp = _data(context, b, sig.args[4], args[4], _F32)
-        s32p = _data(context, b, sig.args[5], args[5], _F32)
-        s16p = _data(context, b, sig.args[6], args[6], _I32)
-        outp = _data(context, b, sig.args[10], args[10], _V16F32)
-        nb, padded, t0 = (context.cast(b, args[i], sig.args[i], types.int64) for i in (7, 8, 9))
-        fma = cgutils.get_or_insert_function(
-            b.module, ir.FunctionType(_V16F32, [_V16F32] * 3), "llvm.fma.v16f32")
-        zero_f, zero_i = ir.Constant(_V16F32, None), ir.Constant(_V16I32, None)
-        pre = b.block
-        loop, done = b.append_basic_block("tilek.loop"), b.append_basic_block("tilek.done")
-        b.cbranch(b.icmp_signed(">", nb, i64(0)), loop, done)
-        b.position_at_end(loop)
-        sb = b.phi(_I64)
-        accs = [b.phi(_V16F32) for _ in range(TILE_TOKENS)]
         slot0 = b.add(b.mul(sb, padded), t0)
         slots = [b.add(slot0, i64(t)) for t in range(TILE_TOKENS)]
-        part = [zero_f] * TILE_TOKENS  # this super-block's sum, before x's scale
+        part = [_ZERO_F] * TILE_TOKENS  # this super-block's sum, before x's scale
         for j in range(n_sub):
             wv = [b.load(b.gep(wp, [b.add(b.mul(sb, i64(K_VECTORS)), i64(groups * j + i))]),
                          align=1) for i in range(groups)]
@@ -432,7 +423,7 @@ def _tile_k(kind: int):
                   if mins else None)
             for t in range(TILE_TOKENS):
                 if mins:
-                    dot = zero_i
+                    dot = _ZERO_I
                 else:
                     seed = b.load(b.gep(s16p, [b.add(b.mul(slots[t], i64(N_SUB16)), i64(j))]))
                     dot = _splat(b, seed, _V16I32)
@@ -449,21 +440,11 @@ def _tile_k(kind: int):
         for t in range(TILE_TOKENS):
             xd = _splat(b, b.load(b.gep(xdp, [slots[t]]), align=4), _V16F32)
             new.append(b.call(fma, [part[t], xd, accs[t]]))
-        nxt = b.add(sb, i64(1))
-        end = b.block
-        sb.add_incoming(i64(0), pre)
-        sb.add_incoming(nxt, end)
-        for acc, value in zip(accs, new, strict=True):
-            acc.add_incoming(zero_f, pre)
-            acc.add_incoming(value, end)
-        b.cbranch(b.icmp_signed("<", nxt, nb), loop, done)
-        b.position_at_end(done)
-        phis = [b.phi(_V16F32) for _ in new]
-        for t, (phi, value) in enumerate(zip(phis, new, strict=True)):
-            phi.add_incoming(zero_f, pre)
-            phi.add_incoming(value, end)
-            b.store(phi, b.gep(outp, [i64(t)]), align=4)
-        return context.get_dummy_value()
+        return new
+
+    def codegen(context, builder, sig, args):
+        elems = (_V16I32, _V16F32, _V16F32, _I32, _F32, _F32, _I32)
+        return _tile_loop(context, builder, sig, args, elems, "tilek", body)
 
     return codegen
 
