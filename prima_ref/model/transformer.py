@@ -407,11 +407,31 @@ class Transformer:
                              np.float32(cfg.attn_softcap), att)
         return att.reshape(1, -1)
 
+    def _attend_rows(self, il: int, w: Layer, x: np.ndarray, positions: np.ndarray,
+                     slots) -> np.ndarray:
+        """x (n, n_embd), 2..batched.MAX_ROWS rows -> attention output (n, n_head * head_dim),
+        KV stored: the batched q/k/v products, then one call for the rest of every row."""
+        cfg, plan, cache = self.cfg, w.decode, self.kv[il]
+        n = x.shape[0]
+        y = batched.group(w.batch.qkv, w.batch.qkv_rows, _c(x), w.attn_norm, plan.eps)
+        att = np.empty((n, cfg.n_head, cfg.head_dim), np.float32)  # (n, n_head, head_dim)
+        row0 = (np.zeros(n, np.int64) if slots is None
+                else np.asarray(slots, np.int64) * np.int64(cache.n_ctx))
+        fused.attention_rows(y, plan.bias, plan.q_norm, plan.k_norm, plan.eps,
+                             np.asarray(positions, np.int64), row0, cfg.n_rot, plan.rope_base,
+                             plan.rope_scale, cfg.rope_type, cache.k, cache.v, cache.f16,
+                             plan.window, np.float32(cfg.attn_scale),
+                             np.float32(cfg.attn_softcap), att)
+        return att.reshape(n, -1)
+
     def _layer(self, il: int, x: np.ndarray, positions: np.ndarray, slots=None) -> np.ndarray:
         cfg, w = self.cfg, self.layers[il]
         n_tok = x.shape[0]
         if n_tok == 1 and slots is None and w.decode.qkv is not None:
             x = self._attn_out(w, x, self._attend_one(il, w, x, positions))
+            return self._ffn(w, x)
+        if _few_rows(x) and w.batch.qkv is not None:
+            x = self._attn_out(w, x, self._attend_rows(il, w, x, positions, slots))
             return self._ffn(w, x)
         q, k, v = self._qkv(w, x)
         if w.bq is not None:

@@ -181,9 +181,9 @@ def kq_matvec(raw, kind, x, norm_w, eps, post_w, residual, y):
 
 @njit(cache=True, inline="always")
 def _head_norm(t, weight, eps):
-    """rms_norm over each head of t (1, n_heads, d), in place."""
+    """rms_norm over each head of t (n_rows, n_heads, d), in place."""
     if weight.shape[0]:
-        flat = t.reshape((t.shape[1], t.shape[2]))
+        flat = t.reshape((t.shape[0] * t.shape[1], t.shape[2]))
         rms_norm(flat, weight, eps, flat)
 
 
@@ -215,3 +215,41 @@ def attention_step(raws, kinds, x, norm_w, eps, bias, q_norm, k_norm, positions,
             k_cache[p, h, i] = round_f16(kv) if f16 else kv
             v_cache[p, h, i] = round_f16(vv) if f16 else vv
     _attention(q, k_cache, v_cache, positions, np.zeros(1, np.int64), window, scale, softcap, att)
+
+
+@njit(cache=True)
+def attention_rows(y, bias, q_norm, k_norm, eps, positions, kv_row0, n_rot, base, freq_scale,
+                   rope_type, k_cache, v_cache, f16, window, scale, softcap, att):
+    """attention_step after its products, for several rows in one call: y (n_rows, nq + 2 nk)
+    holds each row's q|k|v (batched.group's output); row t sits at positions[t] of the sequence
+    whose KV rows start at kv_row0[t]. Biases, q/k norms, RoPE, the f16 KV store of every row,
+    then attention into att (n_rows, n_head, d): Transformer._layer's numpy steps, same kernels,
+    so each row is bit-equal to a one-row attention_step."""
+    n_rows, n_head, d = att.shape
+    n_kv = k_cache.shape[1]
+    nq, nk = n_head * d, n_kv * d
+    q = np.empty((n_rows, n_head, d), np.float32)
+    k = np.empty((n_rows, n_kv, d), np.float32)
+    v = np.empty((n_rows, n_kv, d), np.float32)
+    has_bias = bias.shape[0] > 0
+    for t in range(n_rows):
+        for i in range(nq + 2 * nk):
+            val = y[t, i] + bias[i] if has_bias else y[t, i]
+            if i < nq:
+                q[t, i // d, i % d] = val
+            elif i < nq + nk:
+                k[t, (i - nq) // d, (i - nq) % d] = val
+            else:
+                v[t, (i - nq - nk) // d, (i - nq - nk) % d] = val
+    _head_norm(q, q_norm, eps)
+    _head_norm(k, k_norm, eps)
+    rope_inplace(q, positions, n_rot, base, freq_scale, rope_type)
+    rope_inplace(k, positions, n_rot, base, freq_scale, rope_type)
+    for t in range(n_rows):
+        row = kv_row0[t] + positions[t]
+        for h in range(n_kv):
+            for i in range(d):
+                kv, vv = k[t, h, i], v[t, h, i]
+                k_cache[row, h, i] = round_f16(kv) if f16 else kv
+                v_cache[row, h, i] = round_f16(vv) if f16 else vv
+    _attention(q, k_cache, v_cache, positions, kv_row0, window, scale, softcap, att)
