@@ -152,7 +152,6 @@ class BatchPlan:
         qkv = (layer.wq, layer.wk, layer.wv)
         self.qkv = _batch_kind(qkv)
         self.qkv_rows = tuple(_readonly(w.rows) for w in qkv)
-        self.qkv_split = tuple(int(v) for v in np.cumsum([w.rows.shape[0] for w in qkv])[:2])
         self.wo = _batch_kind((layer.wo,))
         self.wo_rows = (_readonly(layer.wo.rows),)
         self.ffn = _batch_kind((layer.w_gate, layer.w_up))
@@ -339,10 +338,6 @@ class Transformer:
             y = y[None, :]
             a, b = plan.qkv_split
             return y[:, :a], y[:, a:b], y[:, b:]
-        if _few_rows(x) and w.batch.qkv is not None:
-            y = batched.group(w.batch.qkv, w.batch.qkv_rows, _c(x), w.attn_norm, plan.eps)
-            a, b = w.batch.qkv_split
-            return _c(y[:, :a]), _c(y[:, a:b]), _c(y[:, b:])
         return _products((w.wq, w.wk, w.wv), self._norm(x, w.attn_norm))
 
     def _attn_out(self, w: Layer, x: np.ndarray, att: np.ndarray) -> np.ndarray:
@@ -415,8 +410,8 @@ class Transformer:
         n = x.shape[0]
         y = batched.group(w.batch.qkv, w.batch.qkv_rows, _c(x), w.attn_norm, plan.eps)
         att = np.empty((n, cfg.n_head, cfg.head_dim), np.float32)  # (n, n_head, head_dim)
-        row0 = (np.zeros(n, np.int64) if slots is None
-                else np.asarray(slots, np.int64) * np.int64(cache.n_ctx))
+        row0 = cache.rows(np.zeros(n, np.int64),
+                          None if slots is None else np.asarray(slots, np.int64))
         fused.attention_rows(y, plan.bias, plan.q_norm, plan.k_norm, plan.eps,
                              np.asarray(positions, np.int64), row0, cfg.n_rot, plan.rope_base,
                              plan.rope_scale, cfg.rope_type, cache.k, cache.v, cache.f16,
