@@ -25,6 +25,7 @@ sys.path.insert(0, str(ROOT))
 import prima_ref  # noqa: E402,F401
 from bench._common import machine_lines, write_report  # noqa: E402
 from prima_ref import fetch  # noqa: E402
+from prima_ref.ring import protocol as P  # noqa: E402
 
 # Defaults, each with its reason
 # SmolLM2's 30 layers: k=1 near-even for 1, 2 and 4 ranks, and one k=3 ring (hops x 3)
@@ -196,7 +197,11 @@ def main(argv=None) -> int:
               f"Median of {REPEATS} generations after a warm-up (all of them in the last column).",
               "",
               "CPU ms per token: user + system time of every rank's process over the "
-              "generation, per token: what the ranks computed, whatever else ran on the cores.",
+              "generation, per token: what the ranks computed, whatever else ran on the cores, "
+              f"and each waiting rank's spin before it sleeps (PRIMA_RING_SPIN_MS="
+              f"{P.spin_seconds() * 1e3:g} ms here: a rank polls its socket that long, yielding "
+              "the core between checks, so a 2-rank ring on 2 cores shows about twice the "
+              "CPU time of its wall time).",
               "",
               "| ranks | windows (-lw) | ms per token | tok/s | same tokens as 1 rank | ms per "
               "token, every run | CPU ms per token (all ranks) | load (1 min) |",
@@ -261,9 +266,11 @@ def prediction_lines(model, profile: dict, results: dict) -> list[str]:
              "Matvec-only columns: the same profile without `cpu.decode` and `ring` (a v1 "
              "profile: layers priced from matvec speeds, hops by the network alone).", "",
              "CPU columns: the ranks' CPU time per token (Decode speed above) against the same "
-             "prediction; on an idle machine it equals the wall time, on a shared one it shows "
-             "whether a miss is the model's or the neighbours' (with the load average above "
-             "2 on 2 cores, wall time is mostly other processes' turns). The profile's figures "
+             "prediction; with the spin off (PRIMA_RING_SPIN_MS=0) and an idle machine it "
+             "equals the wall time, on a shared one it shows whether a miss is the model's or "
+             "the neighbours' (with the load average above 2 on 2 cores, wall time is mostly "
+             "other processes' turns); with the spin on it counts the spinning too. profile-tool "
+             "measures the ring's CPU work with the spin off. The profile's figures "
              "are CPU time at one thread too; their own drift with load (the average layer "
              "moves by 10-20 % between runs on this VM) is the error that remains.", "",
              "| ranks | windows | k | measured ms | predicted ms | error | cpu / hop / fixed ms "

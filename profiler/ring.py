@@ -26,6 +26,8 @@ timed by wall clock, which on a shared device is not the code's). Rank 0 runs in
 process too (`python -m profiler.ring`), started with GOMP_SPINCOUNT=0 as prima-cli starts
 every rank of a ring: profile-tool's own OpenMP threads, spinning after its matvec tests,
 would otherwise take the cores the worker's turn needs.
+The ranks of this ring do not spin before they block on a receive (PRIMA_RING_SPIN_MS=0, see
+prima_ref.ring.protocol.wait_readable): spinning is waiting, which CPU time would count as work.
 The figures go into the device profile's `ring` (schema v3), where planner.latency adds
 window_ms to every worker's hop term and round_ms to rank 0's.
 """
@@ -86,7 +88,8 @@ def ring_overhead(model_path, *, tokens: int, repeats: int, max_bytes: int,
            repr(min_seconds)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s,
-                              env={**os.environ, "GOMP_SPINCOUNT": "0"})
+                              env={**os.environ, "GOMP_SPINCOUNT": "0",
+                                   "PRIMA_RING_SPIN_MS": "0"})
     except subprocess.TimeoutExpired:
         raise RingUnavailable(f"the loopback ring took over {timeout_s:.0f} s") from None
     if proc.returncode != 0:

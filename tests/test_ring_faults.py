@@ -182,3 +182,36 @@ def test_plan_with_overlapping_layers_is_rejected(tmp_path, smollm2_path):
 def test_protocol_rejects_malformed_frames(frames, reason):
     with pytest.raises(P.ProtocolError, match=reason):
         P.parse(frames, n_embd=8, max_tokens=4)
+
+
+def test_wait_readable_spins_then_blocks_and_times_out(monkeypatch):
+    """A message already queued is seen while spinning; with none, the wait ends after the
+    spin plus the blocking poll's timeout, never sooner and never much later."""
+    ctx = zmq.Context()
+    try:
+        pull = ctx.socket(zmq.PULL)
+        port = pull.bind_to_random_port("tcp://127.0.0.1")
+        push = ctx.socket(zmq.PUSH)
+        push.connect(f"tcp://127.0.0.1:{port}")
+        t0 = time.perf_counter()
+        assert not P.wait_readable(pull, 50, 0.02)
+        waited = time.perf_counter() - t0
+        assert 0.06 <= waited < 2.0
+        push.send(b"x")
+        assert P.wait_readable(pull, 2000, 0.5)
+        assert pull.recv(zmq.NOBLOCK) == b"x"
+        push.send(b"y")
+        assert P.wait_readable(pull, 2000, 0.0)  # no spin: a plain poll
+        assert pull.recv(zmq.NOBLOCK) == b"y"
+    finally:
+        ctx.destroy(linger=0)
+    monkeypatch.setenv("PRIMA_RING_SPIN_MS", "0")
+    assert P.spin_seconds() == 0.0
+    monkeypatch.setenv("PRIMA_RING_SPIN_MS", "5")
+    assert P.spin_seconds() == 0.005
+    for bad in ("soon", "-1", "5000"):
+        monkeypatch.setenv("PRIMA_RING_SPIN_MS", bad)
+        with pytest.raises(ValueError, match="PRIMA_RING_SPIN_MS"):
+            P.spin_seconds()
+    monkeypatch.delenv("PRIMA_RING_SPIN_MS")
+    assert P.spin_seconds() == P.DEFAULT_SPIN_MS / 1e3

@@ -42,6 +42,7 @@ class Head:
         self.hop_ms: float | None = None
         self.ctx = zmq.Context()
         self.control = HeadControl(self.ctx, self.ep, self.session)
+        self.spin_s = P.spin_seconds()
         self.pull = P.data_pull(self.ctx, f"tcp://{self.ep.bind_host}:{self.ep.data_ports[0]}",
                                 n_batch * (self.n_embd + 2) * 4 + 4096)
         self.push = P.data_push(self.ctx, self.ep.data_addr(1), send_timeout_ms=2000)
@@ -174,7 +175,7 @@ class Head:
         deadline = time.monotonic() + self.opts.reply_timeout_s
         while True:
             self._check_health()
-            if self.pull.poll(POLL_MS):
+            if P.wait_readable(self.pull, POLL_MS, self.spin_s):
                 frames = self.pull.recv_multipart(copy=False)
                 try:
                     msg = P.parse(frames, n_embd=self.n_embd, max_tokens=self.n_batch)

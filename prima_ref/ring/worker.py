@@ -109,6 +109,7 @@ class _Worker:
         self.pager = WindowPager(gguf, self.windows, prefetch=opts.prefetch, force=opts.force,
                                  release=opts.release)
         self.gguf_path = gguf.path
+        self.spin_s = P.spin_seconds()
         self.pull = P.data_pull(ctx, f"tcp://{ep.bind_host}:{ep.data_ports[self.rank]}",
                                 self.n_batch * (self.n_embd + 2) * 4 + 4096)
         self.push = P.data_push(ctx, ep.data_addr(ep.next_rank), send_timeout_ms=2000)
@@ -134,7 +135,7 @@ class _Worker:
             if c.master_silent_s() > self.opts.master_timeout_s:
                 log(self.rank, f"rank 0 silent for {c.master_silent_s():.1f} s; leaving the ring")
                 return EXIT_LOST_MASTER
-            if self.pull.poll(POLL_MS):
+            if P.wait_readable(self.pull, POLL_MS, self.spin_s):
                 self._handle(self.pull.recv_multipart(copy=False))
 
     def _handle(self, frames) -> None:
