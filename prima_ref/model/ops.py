@@ -86,12 +86,31 @@ def _attention(q, k_cache, v_cache, positions, kv_row0, window, scale, softcap, 
         run_max, run_sum = -np.inf, 0.0
         for start in range(first, pos + 1, ATTN_TILE):
             stop = min(start + ATTN_TILE, pos + 1)
-            tile_max = -np.inf
-            for j in range(start, stop):
+            # four keys' dot products at once: four independent add chains where one would
+            # wait on each add's latency; each score still sums its terms in order i = 0..d-1
+            j = start
+            while j + 4 <= stop:
+                r = row0 + j
+                s0, s1, s2, s3 = 0.0, 0.0, 0.0, 0.0
+                for i in range(d):
+                    qi = np.float64(q[t, h, i])
+                    s0 += qi * np.float64(k_cache[r, kv, i])
+                    s1 += qi * np.float64(k_cache[r + 1, kv, i])
+                    s2 += qi * np.float64(k_cache[r + 2, kv, i])
+                    s3 += qi * np.float64(k_cache[r + 3, kv, i])
+                scores[j - start] = s0
+                scores[j - start + 1] = s1
+                scores[j - start + 2] = s2
+                scores[j - start + 3] = s3
+                j += 4
+            for j in range(j, stop):
                 s = 0.0
                 for i in range(d):
                     s += np.float64(q[t, h, i]) * np.float64(k_cache[row0 + j, kv, i])
-                s *= scale
+                scores[j - start] = s
+            tile_max = -np.inf
+            for j in range(start, stop):
+                s = scores[j - start] * scale
                 if softcap > 0:
                     s = softcap * np.tanh(s / softcap)
                 scores[j - start] = s
@@ -101,7 +120,21 @@ def _attention(q, k_cache, v_cache, positions, kv_row0, window, scale, softcap, 
             run_sum *= correction
             for i in range(d):
                 acc[i] *= correction
-            for j in range(start, stop):
+            j = start
+            while j + 4 <= stop:  # four keys per pass over acc, added in key order
+                r = row0 + j
+                p0 = np.exp(scores[j - start] - new_max)
+                p1 = np.exp(scores[j - start + 1] - new_max)
+                p2 = np.exp(scores[j - start + 2] - new_max)
+                p3 = np.exp(scores[j - start + 3] - new_max)
+                run_sum = run_sum + p0 + p1 + p2 + p3
+                for i in range(d):
+                    acc[i] = (acc[i] + p0 * np.float64(v_cache[r, kv, i])
+                              + p1 * np.float64(v_cache[r + 1, kv, i])
+                              + p2 * np.float64(v_cache[r + 2, kv, i])
+                              + p3 * np.float64(v_cache[r + 3, kv, i]))
+                j += 4
+            for j in range(j, stop):
                 p = np.exp(scores[j - start] - new_max)
                 run_sum += p
                 for i in range(d):
