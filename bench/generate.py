@@ -27,9 +27,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine_lines, write_report  # noqa: E402
 
 PROMPT_TOKENS = 64
+# Both engines are warmed by one prompt of WARM tokens and a few decode steps before the timed
+# run: more than 8 tokens, so prima-ref's prefill kernels (quants/tiled.py) are loaded from
+# Numba's cache before the clock starts, as its decode kernels already were (the first such
+# batch in a process costs 50-65 ms more on this VM; the start-up table below counts it).
+WARM = 16
 DECODE_TOKENS = 128
 
 PRIMA_RUN = r"""
+WARM = @WARM@
 import json, sys, time
 import prima_ref
 from prima_ref.quants import set_num_threads
@@ -40,7 +46,7 @@ set_num_threads(threads)
 eng = Engine(path, n_ctx=512)
 text = "The history of the city began when the first settlers arrived at the river. " * 20
 ids = eng.tokenizer.encode(text, add_special=True)[:n_prompt]
-eng.generate(ids[:8], 4, Sampler(SamplingParams(temperature=0)))  # compile / warm
+eng.generate(ids[:WARM], 4, Sampler(SamplingParams(temperature=0)))  # compile / warm
 eng.tokens.clear()
 out_ids, t = eng.generate(ids, n_gen, Sampler(SamplingParams(temperature=0)))
 json.dump(dict(prompt_tps=t.prompt_tps, eval_tps=t.eval_tps, ttft_ms=t.ttft_ms,
@@ -48,6 +54,7 @@ json.dump(dict(prompt_tps=t.prompt_tps, eval_tps=t.eval_tps, ttft_ms=t.ttft_ms,
 """
 
 LLAMA_RUN = r"""
+WARM = @WARM@
 import json, resource, sys, time
 import numpy as np
 import llama_cpp
@@ -55,7 +62,7 @@ path, threads, n_prompt, n_gen, out = sys.argv[1], int(sys.argv[2]), int(sys.arg
 llm = llama_cpp.Llama(path, n_ctx=512, n_threads=threads, n_threads_batch=threads, n_batch=512, verbose=False)
 text = "The history of the city began when the first settlers arrived at the river. " * 20
 ids = llm.tokenize(text.encode(), add_bos=True)[:n_prompt]
-llm.eval(ids[:8]); llm.reset()
+llm.eval(ids[:WARM]); llm.reset()
 n_vocab = llm.n_vocab()
 def greedy():
     return int(np.argmax(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(n_vocab,))))
@@ -69,6 +76,7 @@ rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 json.dump(dict(prompt_tps=len(ids) / (t1 - t0), eval_tps=(n_gen - 1) / (t2 - t_first),
                ttft_ms=(t_first - t0) * 1e3, eval_tokens=n_gen, peak_rss_mib=rss), open(out, "w"))
 """
+PRIMA_RUN, LLAMA_RUN = (r.replace("@WARM@", str(WARM)) for r in (PRIMA_RUN, LLAMA_RUN))
 
 
 START_RUN = r"""
@@ -236,7 +244,10 @@ def main(argv=None) -> int:
         print(f"[bench] {name}: prima {ours} llama.cpp {ref}", file=sys.stderr)
     lines = ["# Single-device generation", "", *machine_lines(),
              f"- threads: {args.threads}; prompt {PROMPT_TOKENS} tokens, {DECODE_TOKENS} greedy tokens; "
-             f"median of {args.repeats} runs, each in a fresh process",
+             f"median of {args.repeats} runs, each in a fresh process; before the timed run each "
+             f"engine evaluates a {WARM}-token prompt and 4 decode steps (prima-ref's first "
+             "prompt of more than 8 tokens in a process loads its tiled prefill kernels from "
+             "Numba's cache; the start-up table counts such loads)",
              f"- llama.cpp: {'llama-cpp-python ' + _llama_version(args.llama_python) if llama else 'not installed in this run'}",
              "", "| model | engine | prefill tok/s | decode tok/s | TTFT ms | peak RSS MiB | decode vs llama.cpp | prefill vs llama.cpp |",
              "|---|---|---|---|---|---|---|---|"]
