@@ -53,6 +53,27 @@ class PartTimer:
         return call
 
 
+def fill_slots(eng, n: int) -> None:
+    """Slots 0..n-1 each hold PROMPT's context."""
+    for s in range(n):
+        eng.kv_remove(0, s)
+        eng.eval(PROMPT, slot=s)
+
+
+def step_times(eng, n: int, steps: int, clock=time.perf_counter, warm: int = 3) -> list[float]:
+    """Seconds (by clock) of each of `steps` Engine.decode forwards of n rows (slots 0..n-1,
+    one token each), after `warm` untimed ones. bench/server.py's CPU-cost table uses it."""
+    slots = list(range(n))
+    for _ in range(warm):
+        eng.decode(slots, [100] * n)
+    times = []
+    for _ in range(steps):
+        t0 = clock()
+        eng.decode(slots, [100] * n)
+        times.append(clock() - t0)
+    return times
+
+
 def measure(threads: int, steps: int) -> list[dict]:
     from prima_ref import fetch
     from prima_ref.engine import Engine
@@ -60,24 +81,15 @@ def measure(threads: int, steps: int) -> list[dict]:
 
     set_num_threads(threads)
     eng = Engine(fetch.fetch(), n_ctx=512, n_slots=max(ROWS))
+    for n in range(1, max(ROWS) + 1):  # every kernel compiled or loaded, pages mapped, before
+        eng.decode(list(range(n)), [1] * n)  # the wrappers: a kernel calling another needs it
     timer = PartTimer({batched: PARTS["batched"], fused: PARTS["fused"]})
-    for n in range(1, max(ROWS) + 1):  # every kernel loaded from Numba's cache, pages mapped
-        eng.decode(list(range(n)), [1] * n)
     rows = []
     for n in ROWS:
-        slots = list(range(n))
-        for s in slots:
-            eng.kv_remove(0, s)
-            eng.eval(PROMPT, slot=s)
-        for _ in range(3):
-            eng.decode(slots, [100] * n)
+        fill_slots(eng, n)
+        step_times(eng, n, 3, warm=0)
         timer.total.clear()
-        times = []
-        for _ in range(steps):
-            t0 = time.perf_counter()
-            eng.decode(slots, [100] * n)
-            times.append(time.perf_counter() - t0)
-        times.sort()
+        times = sorted(step_times(eng, n, steps, warm=0))
         rows.append({"rows": n, "median_ms": times[len(times) // 2] * 1e3,
                      "best_ms": times[0] * 1e3,
                      "parts_ms": {k: v / steps * 1e3 for k, v in sorted(timer.total.items())}})

@@ -1,9 +1,8 @@
 """Small-batch decode kernels: 2..8 rows (one per server slot) through the legacy 32-weight
 matrices, each weight block loaded and unpacked once and dotted with every row's activation.
 
-A server stepping n slots multiplies each matrix by n vectors. The prefill matmul
-(``legacy.matmul_prepared``) pads them to TOKEN_LANES and sums in another order; calling the
-one-row fused kernels n times reads every weight n times. These do what ``fused`` does for one
+A server stepping n slots multiplies each matrix by n vectors. Calling the one-row fused
+kernels n times reads and unpacks every weight n times. These do what ``fused`` does for one
 row (norm, int8 quantization and the products in one call and one parallel region; q/k/v in
 one call, gate/up with the activation in another, residual adds inside) for n <= MAX_ROWS:
 
@@ -12,12 +11,16 @@ one call, gate/up with the activation in another, residual adds inside) for n <=
   matrices) with row t, one matrix after another (plus residual[t] when it is non-empty).
 - ``gate_up(raw_g, raw_u, xs, norm_w, eps, act, gelu_table, out)``: as ``fused.ffn_gate_up``.
 
-Row t of every result is bit-identical to the one-row fused kernel on row t alone: each row
-is quantized by the same code, and each (weight row, token) dot keeps ``legacy``'s row dot
-arithmetic exactly: the same accumulators fed the same blocks in the same order, the same f16
-scales, one reduction at the end in the same order. Only the loop nest differs: a group of 8
-blocks is unpacked once, then every token's accumulators (in a small per-thread scratch) take
-those 8 blocks; the final horizontal sums run across the 8 tokens at once.
+On CPUs with 512-bit VNNI the products are ``lanes``' kernels: 16 weight rows in the vector
+lanes, every token's dot of a block one convert and one FMA per 16 rows, the rows padded to 1,
+2, 4 or 8 tokens. The one-row decode kernels (``fused``, ``legacy``'s matvec) and the prefill
+tiles (``tiled``) sum in the same order, so row t of every result is bit-identical to a
+one-row step on row t alone, and to the same token in a prefill.
+
+Without VNNI, each (weight row, token) dot keeps ``legacy``'s portable row dot arithmetic:
+a group of 8 blocks is unpacked once, then every token's accumulators (in a small per-thread
+scratch) take those 8 blocks; the final horizontal sums run across the 8 tokens at once. Row t
+is again bit-identical to the portable one-row kernels.
 So greedy output per slot does not depend on how many slots share a step.
 
 ``kernels(qtype)`` gives a type's pair, compiled on first use (a server loads the types its
@@ -35,6 +38,7 @@ from numba.core import cgutils, types
 from numba.extending import intrinsic
 
 from prima_ref.model.ops import rms_norm
+from prima_ref.quants import lanes
 from prima_ref.quants import legacy as L
 from prima_ref.quants.fused import _activate
 from prima_ref.quants.simd import (
@@ -262,6 +266,52 @@ def _compile(kind: int, vnni: bool):
     tables need a literal, and Numba's cache keys on closure values, so they must be plain
     numbers); the VNNI ones only where the CPU has it."""
 
+    lanes_path = vnni and lanes.available()
+    bb = L.BLOCK_BYTES[kind]
+
+    @njit(cache=True, parallel=True)
+    def group_lanes(raws, xs, norm_w, eps, residual, ys, n_pad):
+        n = xs.shape[0]
+        qxb, dxb, nsxb, dsxb = lanes.prepare(xs, norm_w, eps, n_pad)
+        gs, rs = lanes.group_starts(raws)
+        n_mat = len(raws)
+        n_out = ys.shape[1]
+        yf = ys.reshape(-1)
+        add = residual.shape[0] > 0
+        for g in prange(gs[n_mat]):
+            m = 0
+            while g >= gs[m + 1]:
+                m += 1
+            raw = raws[m]
+            n_rows, rb = raw.shape
+            r0 = (g - gs[m]) * lanes.ROWS
+            nv = min(lanes.ROWS, n_rows - r0)
+            lanes.rows_n(kind, n, n_pad, raw.reshape(-1), r0 * rb, rb, nv, rb // bb, qxb, dxb,
+                         nsxb, dsxb, yf, rs[m] + r0, n_out)
+            if add:
+                for t in range(n):
+                    for r in range(rs[m] + r0, rs[m] + r0 + nv):
+                        ys[t, r] = residual[t, r] + ys[t, r]
+
+    @njit(cache=True, parallel=True)
+    def gate_up_lanes(raw_g, raw_u, xs, norm_w, eps, act, gelu_table, out, n_pad):
+        n = xs.shape[0]
+        qxb, dxb, nsxb, dsxb = lanes.prepare(xs, norm_w, eps, n_pad)
+        n_rows, rb = raw_g.shape
+        up = np.empty((n, n_rows), np.float32)
+        of, uf = out.reshape(-1), up.reshape(-1)
+        fg, fu = raw_g.reshape(-1), raw_u.reshape(-1)
+        for g in prange((n_rows + lanes.ROWS - 1) // lanes.ROWS):
+            r0 = g * lanes.ROWS
+            nv = min(lanes.ROWS, n_rows - r0)
+            lanes.rows_n(kind, n, n_pad, fg, r0 * rb, rb, nv, rb // bb, qxb, dxb, nsxb, dsxb,
+                         of, r0, n_rows)
+            lanes.rows_n(kind, n, n_pad, fu, r0 * rb, rb, nv, rb // bb, qxb, dxb, nsxb, dsxb,
+                         uf, r0, n_rows)
+            for t in range(n):
+                for r in range(r0, r0 + nv):
+                    out[t, r] = _activate(act, out[t, r], up[t, r], gelu_table)
+
     @njit(cache=True, parallel=True)
     def group(raws, xs, norm_w, eps, residual, ys, n_threads):
         n_tok = np.uint64(xs.shape[0])
@@ -297,7 +347,29 @@ def _compile(kind: int, vnni: bool):
             for t in range(U0, n_tok, U1):
                 out[t, r] = _activate(act, s[_OUT_A + t], s[_OUT_B + t], gelu_table)
 
-    return group, gate_up
+    if lanes_path:
+        return _with_pad(group_lanes, 1), _with_pad(gate_up_lanes, 2)
+    return _with_threads(group), _with_threads(gate_up)
+
+
+class _Entry:
+    """A compiled kernel (``kernel``) called with the entry point's arguments plus one it
+    derives: the lanes kernels' token count for the rows, or the thread count for the
+    scratch of the row-at-a-time ones."""
+
+    def __init__(self, kernel, extra):
+        self.kernel, self._extra = kernel, extra
+
+    def __call__(self, *args):
+        return self.kernel(*args, self._extra(args))
+
+
+def _with_pad(fn, xs_arg: int) -> _Entry:
+    return _Entry(fn, lambda args: lanes.padded_tokens(args[xs_arg].shape[0]))
+
+
+def _with_threads(fn) -> _Entry:
+    return _Entry(fn, lambda args: numba.config.NUMBA_NUM_THREADS)
 
 
 _KERNELS: dict = {}
@@ -333,8 +405,7 @@ def group(kind: int, raws: tuple, xs: np.ndarray, norm_w=None, eps=0.0,
     _check(xs, raws[0].shape[1] // L.BLOCK_BYTES[int(kind)] * L.QK)
     ys = np.empty((xs.shape[0], sum(r.shape[0] for r in raws)), np.float32)  # (n, n_out)
     kernels(kind, vnni)[0](raws, xs, _EMPTY_VEC if norm_w is None else norm_w, np.float32(eps),
-                           _EMPTY_ROWS if residual is None else residual, ys,
-                           numba.config.NUMBA_NUM_THREADS)
+                           _EMPTY_ROWS if residual is None else residual, ys)
     return ys
 
 
@@ -344,6 +415,5 @@ def gate_up(kind: int, raw_g, raw_u, xs: np.ndarray, norm_w, eps, act: int, gelu
     to fused.ffn_gate_up on xs[t]."""
     _check(xs, raw_g.shape[1] // L.BLOCK_BYTES[int(kind)] * L.QK)
     out = np.empty((xs.shape[0], raw_g.shape[0]), np.float32)  # (n, n_ff)
-    kernels(kind, vnni)[1](raw_g, raw_u, xs, norm_w, np.float32(eps), act, gelu_table, out,
-                           numba.config.NUMBA_NUM_THREADS)
+    kernels(kind, vnni)[1](raw_g, raw_u, xs, norm_w, np.float32(eps), act, gelu_table, out)
     return out

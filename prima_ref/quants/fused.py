@@ -22,9 +22,11 @@ step in one call and one parallel region:
 - ``attention_step(...)``: a decode step's attention half: fused q/k/v, biases, q/k norms,
   RoPE, the f16 KV store and the attention itself, one Python call per layer.
 
-Every row's dot is the same inlined code as ``legacy``'s / ``k_quants``' matvec and every
-element-wise step is ``ops``' own kernel, so results are bit-identical to calling the matrices
-and ops one by one, whatever the thread count or grouping.
+Every row's dot is the same inlined code as ``legacy``'s / ``k_quants``' matvec (for the legacy
+types on 512-bit VNNI CPUs, ``lanes``' 16-rows-in-lanes kernel, which legacy's matvec and the
+batched and prefill kernels share) and every element-wise step is ``ops``' own kernel, so
+results are bit-identical to calling the matrices and ops one by one, whatever the thread
+count or grouping.
 """
 
 from __future__ import annotations
@@ -34,11 +36,13 @@ from numba import njit, prange
 
 from prima_ref.model.ops import _attention, gelu_f16_table, rms_norm, rope_inplace
 from prima_ref.quants import k_quants as K
+from prima_ref.quants import lanes
 from prima_ref.quants import legacy as L
 from prima_ref.quants.layouts import QK_K
 from prima_ref.quants.simd import _quantize_rows_q8, has_vnni, round_f16
 
 _VNNI = has_vnni()
+_LANES = lanes.available()  # 512-bit VNNI: the row-in-lane kernels (lanes) take the products
 FUSABLE_KINDS = frozenset((L.Q8_0, L.Q4_0, L.Q4_1, L.Q5_0, L.Q5_1))
 ACT_SILU, ACT_GELU = 0, 1
 
@@ -99,6 +103,9 @@ def _prepare(x, norm_w, eps):
 
 @njit(cache=True, parallel=True)
 def matvec_group(raws, kinds, x, norm_w, eps, residual, y):
+    if _LANES:
+        _matvec_group_lanes(raws, kinds, x, norm_w, eps, residual, y)
+        return
     qx, dx, dsx, nls = _prepare(x, norm_w, eps)
     n_mat = len(raws)
     starts = np.zeros(n_mat + 1, np.int64)
@@ -114,6 +121,25 @@ def matvec_group(raws, kinds, x, norm_w, eps, residual, y):
 
 
 @njit(cache=True, inline="always")
+def _matvec_group_lanes(raws, kinds, x, norm_w, eps, residual, y):
+    qxb, dxb, nsxb, dsxb = lanes.prepare(x.reshape((1, x.shape[0])), norm_w, eps, 1)
+    gs, rs = lanes.group_starts(raws)
+    n_mat = len(raws)
+    for g in prange(gs[n_mat]):
+        m = 0
+        while g >= gs[m + 1]:
+            m += 1
+        raw = raws[m]
+        n_rows, rb = raw.shape
+        r0 = (g - gs[m]) * lanes.ROWS
+        lanes.rows_one(kinds[m], raw.reshape(-1), r0 * rb, rb, min(lanes.ROWS, n_rows - r0),
+                       rb // L._BB[kinds[m]], qxb, dxb, nsxb, dsxb, y, rs[m] + r0)
+    if residual.shape[0] > 0:
+        for r in range(y.shape[0]):
+            y[r] = residual[r] + y[r]
+
+
+@njit(cache=True, inline="always")
 def _activate(act, g, u, gelu_table):
     if act == ACT_SILU:  # ops.silu_mul
         return g / (np.float32(1.0) + np.exp(-g)) * u
@@ -122,6 +148,22 @@ def _activate(act, g, u, gelu_table):
 
 @njit(cache=True, parallel=True)
 def ffn_gate_up(raw_g, kind_g, raw_u, kind_u, x, norm_w, eps, act, gelu_table, out):
+    if _LANES:
+        qxb, dxb, nsxb, dsxb = lanes.prepare(x.reshape((1, x.shape[0])), norm_w, eps, 1)
+        up = np.empty(out.shape[0], np.float32)
+        n_rows = raw_g.shape[0]
+        rbg, rbu = raw_g.shape[1], raw_u.shape[1]
+        fg, fu = raw_g.reshape(-1), raw_u.reshape(-1)
+        for g in prange((n_rows + lanes.ROWS - 1) // lanes.ROWS):
+            r0 = g * lanes.ROWS
+            nv = min(lanes.ROWS, n_rows - r0)
+            lanes.rows_one(kind_g, fg, r0 * rbg, rbg, nv, rbg // L._BB[kind_g], qxb, dxb, nsxb,
+                           dsxb, out, r0)
+            lanes.rows_one(kind_u, fu, r0 * rbu, rbu, nv, rbu // L._BB[kind_u], qxb, dxb, nsxb,
+                           dsxb, up, r0)
+            for r in range(r0, r0 + nv):
+                out[r] = _activate(act, out[r], up[r], gelu_table)
+        return
     qx, dx, dsx, nls = _prepare(x, norm_w, eps)
     for r in prange(raw_g.shape[0]):
         g = _dot(kind_g, raw_g[r], qx, dx, dsx, nls)

@@ -32,7 +32,7 @@ import numpy as np
 from gguf.constants import GGMLQuantizationType as T
 from numba import njit, prange
 
-from prima_ref.quants import QuantKernels, tiled
+from prima_ref.quants import QuantKernels, lanes, tiled
 from prima_ref.quants.layouts import LAYOUTS, QK_LEGACY
 from prima_ref.quants.simd import (
     _quantize_rows_q8,
@@ -535,8 +535,11 @@ def make_kernels(qtype: T, vnni: bool) -> QuantKernels:
 
     def matvec(raw, x):
         x = _check_x(qtype, x, _check_raw(qtype, raw), 1)
-        qx, dx, sx, dsx = quantize_x_q8(x)
         y = np.empty(raw.shape[0], np.float32)  # (n_rows,)
+        if vnni and lanes.available():  # rows in lanes: the decode kernels' arithmetic
+            lanes.matvec(raw, kind, x, y)
+            return y
+        qx, dx, sx, dsx = quantize_x_q8(x)
         matvec_nb(raw, qx, dx, dsx, y)
         return y
 
