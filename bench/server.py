@@ -124,24 +124,19 @@ def run_level(base: str, n_clients: int, seconds: float, max_tokens: int) -> dic
 
 DECODE_COSTS = r"""
 import json, sys, time
-import numpy as np
-import prima_ref
+sys.path.insert(0, sys.argv[2])
+from decode_batch import fill_slots, step_times  # bench/decode_batch.py: the same forwards
 from prima_ref.engine import Engine
 from prima_ref.quants import set_num_threads
 from prima_ref.sampling import Sampler, SamplingParams
 set_num_threads(1)
 e = Engine(sys.argv[1], n_ctx=256, n_batch=64, n_slots=8)
-for s in range(8):
-    e.eval([1, 504, 3101, 1129, 253, 6431, 30], slot=s)
+fill_slots(e, 8)
 out = {}
 for n in (1, 2, 4, 8):
-    slots = list(range(n))
-    e.decode(slots, [42] * n)
-    t0 = time.process_time()
-    for _ in range(10):
-        logits = e.decode(slots, [42] * n)
-    out[n] = (time.process_time() - t0) / 10 * 1e3
-rows = logits
+    times = sorted(step_times(e, n, 11, time.process_time, warm=1))
+    out[n] = times[len(times) // 2] * 1e3
+rows = e.decode(list(range(8)), [42] * 8)
 for name in ("sample_full", "sample"):
     draw = getattr(Sampler(SamplingParams(seed=1)), name)
     t0 = time.process_time()
@@ -154,9 +149,11 @@ print(json.dumps(out))
 
 
 def decode_costs(model: Path) -> dict:
-    """CPU ms of one batched decode forward at 1/2/4/8 rows (1 thread, in a fresh process),
-    and of sampling one token: what bounds the batching gain, free of the machine's load."""
-    r = subprocess.run([sys.executable, "-c", DECODE_COSTS, str(model)], capture_output=True,
+    """CPU ms (median of 11) of one batched decode forward at 1/2/4/8 rows (1 thread, in a
+    fresh process, bench/decode_batch.py's forwards), and of sampling one token: what bounds
+    the batching gain, free of the machine's load."""
+    bench = str(Path(__file__).resolve().parent)
+    r = subprocess.run([sys.executable, "-c", DECODE_COSTS, str(model), bench], capture_output=True,
                        text=True, timeout=300, env={**os.environ, "GOMP_SPINCOUNT": "0"})
     if r.returncode != 0:
         raise SystemExit(f"decode cost run failed: {r.stderr[-2000:]}")
@@ -218,9 +215,12 @@ def report(results: list[dict], args, load_start: list[str], load_end: tuple, co
               f"a full-vocabulary sort (Sampler.sample_full), {costs['sample']:.2f} ms "
               "with the top-k partition that prima-cli and the server use (Sampler.sample, "
               "the same draws). A step of 2 to 8 rows goes through "
-              "the batched decode kernels (prima_ref/quants/batched.py: each weight block "
-              "unpacked once for every row, each row bit-equal to a one-row step), so every "
-              "active slot shares one forward (/health: decode_batched)."]
+              "the batched decode kernels (prima_ref/quants/batched.py; on 512-bit VNNI CPUs "
+              "prima_ref/quants/lanes.py: 16 weight rows in the vector lanes, each weight "
+              "block loaded once for every row, each row bit-equal to a one-row step), so "
+              "every active slot shares one forward (/health: decode_batched). The forwards "
+              "are bench/decode_batch.py's (its wall-time and per-kernel table at 2 threads "
+              "is reports/decode_batch.md)."]
     lines += ["", "Per-token latency is the gap between consecutive content chunks of one "
               "stream (one token each, except where a UTF-8 character or a stop-string prefix "
               "is held back). 'Rows per decode step' is how many requests shared each batched "
