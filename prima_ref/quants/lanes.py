@@ -62,7 +62,11 @@ from prima_ref.quants.tiled import (
 )
 
 MAX_TOKENS = 8
-PREFETCH_GROUPS = 2  # software prefetch distance, in 16-row groups (measured: 1 and 4 worse)
+# software prefetch of the group PREFETCH_GROUPS ahead, into L2 (llvm.prefetch locality 1:
+# prefetcht2); measured on 576- to 8192-wide Q8_0/Q4_0 matrices from L3 and RAM, 1 and 2
+# threads: into L1 (prefetcht0) up to 2x slower on wide rows, 1 or 4 groups no better
+PREFETCH_LOCALITY = 1
+PREFETCH_GROUPS = 2
 _V4I32 = ir.VectorType(_I32, 4)
 _ZERO_F, _ZERO_I = ir.Constant(_V16F32, None), ir.Constant(_V16I32, None)
 
@@ -136,15 +140,16 @@ def _rows(kind: int, n_tok: int):
                 qs.append(b.load(b.bitcast(p, _V4I32.as_pointer()), align=1))
             return _transpose(b, qs)
 
-        # the rows of one group are 16 * row_bytes contiguous bytes, read 16 short strided
-        # streams at a time, which the hardware prefetchers do not follow: fetch the group
-        # PREFETCH_GROUPS ahead at the same pace (16 * bb bytes per block)
+        # the rows of one group are 16 * row_bytes contiguous bytes, read as 16 strided
+        # streams at a time, which the hardware prefetchers follow poorly (short rows: not at
+        # all): fetch the group PREFETCH_GROUPS ahead at the same pace (16 * bb bytes a block)
         ahead = b.add(b.add(off, b.mul(rb, i64(ROWS * PREFETCH_GROUPS))),
                       b.mul(blk, i64(ROWS * bb)))
         for j in range(0, ROWS * bb, 64):
             pf = b.gep(rawp, [b.add(ahead, i64(j))])
             _call(b, "llvm.prefetch.p0i8", ir.VoidType(),
-                  [pf, ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
+                  [pf, ir.Constant(_I32, 0), ir.Constant(_I32, PREFETCH_LOCALITY),
+                   ir.Constant(_I32, 1)])
         head = _gather(b, b.gep(rawp, [b.add(off, boff)]), idx, ones)
         dv = _half_to_f32(b, head)
         mv = _half_to_f32(b, b.lshr(head, c(16))) if has_min else None
