@@ -20,3 +20,5 @@ echo "CMAKE_ARGS=$args"
 if [ "${1:-}" = "--dry-run" ]; then exit 0; fi
 CMAKE_ARGS="$args" CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
   .venv/bin/python -m pip install --force-reinstall --no-deps --no-cache-dir llama-cpp-python==0.3.36
+# --no-deps keeps pip from reinstalling numpy under the project; its other runtime needs:
+.venv/bin/python -m pip install diskcache jinja2 typing-extensions
