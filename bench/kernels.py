@@ -59,25 +59,26 @@ SCALE_FIELDS = {T.Q2_K: [80, 82], T.Q3_K: [108], T.Q4_K: [0, 2], T.Q5_K: [0, 2],
 # Why a type falls short of the read bandwidth, from its generated assembly; each family's
 # author keeps their line current.
 NOTES = [
-    "Legacy (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1), x as int8 blocks, one VNNI `vpdpbusd` per 32-weight"
-    " block (256-bit), two accumulator chains. Q8_0/Q4_0/Q5_0 start each block's dot at -k times"
-    " the lane sums of x (precomputed once per x), so their offset term costs nothing. The f16"
-    " scales of 8 consecutive blocks (and Q4_1/Q5_1's mins) are inserted into one vector and"
-    " converted by one vcvtph2ps; d * dx and m * s are computed 8 wide and each block's FMA takes"
-    " its lane. Per block that leaves: (Q8_0) load, xor, dot, convert, lane broadcast, FMA;"
-    " (nibble types) broadcast-load, shift, mask (Q5: a bit-select for the 5th bit) on 18-24"
-    " bytes. In an A/B run at 1 thread against the previous kernels (1024x4096): Q8_0 19 -> 35"
-    " GB/s, Q4_1 14.9 -> 18.6, Q4_0 15.8 -> 17.4, Q5_0 15.6 -> 17.8. The nibble types stay"
-    " instruction-bound (~1.5 ns per Q4_1 block per core, ~12-13 GB/s per core on small"
-    " matrices): memory speed needs one 20-byte block per ~1 ns per core. Routes left: two"
-    " blocks per 512-bit dot, and a repacked layout with 64-byte-aligned quants (a cache file"
-    " beside the model, to keep mmap); the interleaved GGUF records keep the loads unaligned.",
+    "Legacy (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1) matvec on AVX512-VNNI CPUs since 2026-12-03"
+    " (prima_ref/quants/lanes.py): 16 weight rows in the 16 lanes of a vector. Each row's 16"
+    " quant bytes are loaded whole and 16 rows x 4 dwords transposed in registers (only the f16"
+    " scales are gathered), then 8 `vpdpbusd` (512-bit) per block of 16 rows with x's 4 bytes"
+    " broadcast from memory, one convert + FMA per 16 rows, no horizontal sums; the group two"
+    " ahead is prefetched into L2, as the hardware prefetchers follow 16 strided streams"
+    " poorly. The same kernel takes 1-8 tokens (server decode batches) at little more than one"
+    " token's cost, and sums in the prefill tiles' order, so decode, batched decode and prefill"
+    " give one token the same bits. At one token it runs about as fast as the row-at-a-time"
+    " kernel it replaced (4096x4096 at 1 thread, 06:44 run: Q8_0 28.8, Q4_0 18.6 GB/s against"
+    " 30.2, 18.7 on 2026-12-02): the nibble types (and the Q5 high bits, 4 vpmulld per 16"
+    " rows) stay instruction-bound at one thread, 13-19 GB/s per core, so memory speed needs"
+    " both cores, and a second thread on this 2-core VM shares them with the rest of the"
+    " machine.",
     "Matmul above 8 tokens on AVX512-VNNI CPUs (prima_ref/quants/tiled.py; PRIMA_TILED=0 turns"
     " it off; the 64-token column): legacy types and"
     " Q4_K/Q5_K/Q6_K gather 16 weight rows' quants into the 16 lanes of a vector, then run"
     " 8-token tiles over every block with the accumulators in registers: one `vpdpbusd` per 4"
     " weights x 16 rows and one convert + FMA per block, no horizontal sums. Up to 8 tokens"
-    " (decode batches) the products are bit-equal to matvec (prima_ref/quants/batched.py).",
+    " (decode batches) lanes.py takes them, bit-equal to these tiles.",
     "Big matrices at 2 threads: on this 2-core VM a second thread competes with everything else"
     " on the machine, and the figures swing by tens of percent between quiet runs (the 20:12"
     " run of the same kernels read 32-35 GB/s, 93-99 % of a 34.8 GB/s probe, for Q4_0/Q4_1/"
