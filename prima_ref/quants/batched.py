@@ -279,15 +279,10 @@ def _compile(kind: int, vnni: bool):
         yf = ys.reshape(-1)
         add = residual.shape[0] > 0
         for g in prange(gs[n_mat]):
-            m = 0
-            while g >= gs[m + 1]:
-                m += 1
-            raw = raws[m]
-            n_rows, rb = raw.shape
-            r0 = (g - gs[m]) * lanes.ROWS
-            nv = min(lanes.ROWS, n_rows - r0)
-            lanes.rows_n(kind, n, n_pad, raw.reshape(-1), r0 * rb, rb, nv, rb // bb, qxb, dxb,
-                         nsxb, dsxb, yf, rs[m] + r0, n_out)
+            m, r0, nv = lanes.locate(raws, gs, g)
+            rb = raws[m].shape[1]
+            lanes.rows_n(kind, n, n_pad, raws[m].reshape(-1), r0 * rb, rb, nv, rb // bb, qxb,
+                         dxb, nsxb, dsxb, yf, rs[m] + r0, n_out)
             if add:
                 for t in range(n):
                     for r in range(rs[m] + r0, rs[m] + r0 + nv):

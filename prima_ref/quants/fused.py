@@ -126,14 +126,10 @@ def _matvec_group_lanes(raws, kinds, x, norm_w, eps, residual, y):
     gs, rs = lanes.group_starts(raws)
     n_mat = len(raws)
     for g in prange(gs[n_mat]):
-        m = 0
-        while g >= gs[m + 1]:
-            m += 1
-        raw = raws[m]
-        n_rows, rb = raw.shape
-        r0 = (g - gs[m]) * lanes.ROWS
-        lanes.rows_one(kinds[m], raw.reshape(-1), r0 * rb, rb, min(lanes.ROWS, n_rows - r0),
-                       rb // L._BB[kinds[m]], qxb, dxb, nsxb, dsxb, y, rs[m] + r0)
+        m, r0, nv = lanes.locate(raws, gs, g)
+        rb = raws[m].shape[1]
+        lanes.rows_one(kinds[m], raws[m].reshape(-1), r0 * rb, rb, nv, rb // L._BB[kinds[m]],
+                       qxb, dxb, nsxb, dsxb, y, rs[m] + r0)
     if residual.shape[0] > 0:
         for r in range(y.shape[0]):
             y[r] = residual[r] + y[r]

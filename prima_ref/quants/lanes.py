@@ -59,6 +59,7 @@ from prima_ref.quants.tiled import (
     _half_to_f32,
     _splat,
     available,  # noqa: F401  (lanes.available(): the same CPU test)
+    block_fma,
 )
 
 MAX_TOKENS = 8
@@ -168,22 +169,11 @@ def _rows(kind: int, n_tok: int):
         new = []
         for t, acc in enumerate(accs):
             slot = b.add(b.mul(blk, padded), i64(t))
-            if has_min:
-                dot = _ZERO_I
-            else:
+            seed = None
+            if not has_min:  # -k * sum(qx): the tiles' seed, from -sum(qx)
                 nsx = _splat(b, b.load(b.gep(sp, [slot]), align=4), _V16I32)
-                dot = b.shl(nsx, c(K_SHIFT[kind]))
-            q0 = b.mul(slot, i64(GROUPS))
-            for i in range(GROUPS):
-                xq = b.load(b.gep(qp, [b.add(q0, i64(i))]), align=4)
-                dot = _call(b, "llvm.x86.avx512.vpdpbusd.512", _V16I32,
-                            [dot, wv[i], _splat(b, xq, _V16I32)])
-            scale = b.fmul(dv, _splat(b, b.load(b.gep(dxp, [slot]), align=4), _V16F32))
-            acc = b.call(fma, [b.sitofp(dot, _V16F32), scale, acc])
-            if has_min:
-                s = _splat(b, b.load(b.gep(dsp, [slot]), align=4), _V16F32)
-                acc = b.call(fma, [mv, s, acc])
-            new.append(acc)
+                seed = b.shl(nsx, c(K_SHIFT[kind]))
+            new.append(block_fma(b, fma, wv, dv, mv, seed, qp, dxp, dsp, slot, acc))
         nxt = b.add(blk, i64(1))
         end = b.block
         blk.add_incoming(i64(0), pre)
@@ -312,6 +302,16 @@ def group_starts(raws):
         gs[m + 1] = gs[m] + (raws[m].shape[0] + ROWS - 1) // ROWS
         rs[m + 1] = rs[m] + raws[m].shape[0]
     return gs, rs
+
+
+@njit(cache=True, inline="always")
+def locate(raws, gs, g):
+    """Group g of group_starts' numbering -> (matrix m, its first row r0, valid rows)."""
+    m = 0
+    while g >= gs[m + 1]:
+        m += 1
+    r0 = (g - gs[m]) * ROWS
+    return m, r0, min(ROWS, raws[m].shape[0] - r0)
 
 
 _BB = np.array([BLOCK_BYTES.get(k, 1) for k in range(max(KINDS) + 1)], np.int64)

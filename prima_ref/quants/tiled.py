@@ -179,6 +179,26 @@ def _repack(kind: int):
     return codegen
 
 
+def block_fma(b, fma, wv, dv, mv, seed, qp, dxp, dsp, slot, acc):
+    """acc + d_r dx (u_r . qx + seed) (+ m_r s) for one 32-weight block of 16 rows (wv: its 8
+    vectors of 4 unsigned quants per row lane, dv / mv the rows' scales / mins or None) and
+    the token in block-major slot `slot` (qp: its int8 quants 4 per dword, dxp its scale, dsp
+    its Q8_1 sum; seed None: start at zero): the arithmetic the prefill tiles and the decode
+    lanes (prima_ref.quants.lanes) share, so their floats agree bit for bit."""
+    dot = _ZERO_I if seed is None else seed
+    q0 = b.mul(slot, ir.Constant(_I64, GROUPS))
+    for i in range(GROUPS):
+        xq = b.load(b.gep(qp, [b.add(q0, ir.Constant(_I64, i))]), align=4)
+        dot = _call(b, "llvm.x86.avx512.vpdpbusd.512", _V16I32,
+                    [dot, wv[i], _splat(b, xq, _V16I32)])
+    scale = b.fmul(dv, _splat(b, b.load(b.gep(dxp, [slot]), align=4), _V16F32))
+    acc = b.call(fma, [b.sitofp(dot, _V16F32), scale, acc])
+    if mv is not None:
+        s = _splat(b, b.load(b.gep(dsp, [slot]), align=4), _V16F32)
+        acc = b.call(fma, [mv, s, acc])
+    return acc
+
+
 def _tile(kind: int):
     """Code of tile(kind, w, d, m, qxb, dxb, seedb, dsxb, n_blocks, padded, t0, out): for the 16
     rows repacked in w/d/m and tokens t0 .. t0 + TILE_TOKENS of the block-major activations,
@@ -196,21 +216,8 @@ def _tile(kind: int):
         new = []
         for t, acc in enumerate(accs):
             slot = b.add(slot0, ir.Constant(_I64, t))
-            if has_min:
-                dot = _ZERO_I
-            else:
-                dot = _splat(b, b.load(b.gep(sp, [slot]), align=4), _V16I32)
-            q0 = b.mul(slot, ir.Constant(_I64, GROUPS))
-            for i in range(GROUPS):
-                xq = b.load(b.gep(qp, [b.add(q0, ir.Constant(_I64, i))]), align=4)
-                dot = _call(b, "llvm.x86.avx512.vpdpbusd.512", _V16I32,
-                            [dot, wv[i], _splat(b, xq, _V16I32)])
-            scale = b.fmul(dv, _splat(b, b.load(b.gep(dxp, [slot]), align=4), _V16F32))
-            acc = b.call(fma, [b.sitofp(dot, _V16F32), scale, acc])
-            if has_min:
-                s = _splat(b, b.load(b.gep(dsp, [slot]), align=4), _V16F32)
-                acc = b.call(fma, [mv, s, acc])
-            new.append(acc)
+            seed = None if has_min else _splat(b, b.load(b.gep(sp, [slot]), align=4), _V16I32)
+            new.append(block_fma(b, fma, wv, dv, mv, seed, qp, dxp, dsp, slot, acc))
         return new
 
     def codegen(context, builder, sig, args):
