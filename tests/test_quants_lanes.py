@@ -35,12 +35,14 @@ def test_every_token_count_equals_the_prefill_tiles_bit_for_bit(qtype, n_rows):
     rng = np.random.default_rng(int(qtype) * 31 + n_rows)
     n_cols = 96  # 3 blocks: odd, so nothing pairs blocks by accident
     raw = random_rows(qtype, rng, n_rows, n_cols // LAYOUTS[qtype].block_size)
+    raw.flags.writeable = False
     xs = rng.standard_normal((8, n_cols)).astype(np.float32)
     ref = tiled.matmul(int(qtype), raw, legacy.prepare_activations(xs))  # (8, n_rows)
-    for n in range(1, 9):
-        got = lanes.matmul(int(qtype), raw, legacy.prepare_activations(xs[:n]))
+    for n in range(1, 9):  # the 1-, 2-, 4- and 8-token kernels, padded for 3 and 5-7
+        got = batched.group(int(qtype), (raw,), xs[:n])
         assert got.shape == (n, n_rows)
         assert np.array_equal(_bits(got), _bits(ref[:n])), n
+    assert np.array_equal(_bits(kernels(qtype).matvec(raw, xs[0])), _bits(ref[0]))
 
 
 @needs_lanes
@@ -122,9 +124,9 @@ CACHE_CHILD = textwrap.dedent("""
     raw.flags.writeable = False
     x = rng.standard_normal(256).astype(np.float32)
     y = np.empty(20, np.float32)
-    lanes.matvec(raw, int(T.Q4_0), x, y)
+    lanes.matvec(raw, int(T.Q4_0), 18, x, y)
     batched.group(int(T.Q4_0), (raw,), rng.standard_normal((3, 256)).astype(np.float32))
-    group = batched._KERNELS[(int(T.Q4_0), True)][0].kernel
+    group = batched._KERNELS[(int(T.Q4_0), True)][0]
     for fn in (lanes.matvec, group):
         print(sum(fn.stats.cache_hits.values()), sum(fn.stats.cache_misses.values()))
 """)

@@ -23,7 +23,7 @@ scratch) take those 8 blocks; the final horizontal sums run across the 8 tokens 
 is again bit-identical to the portable one-row kernels.
 So greedy output per slot does not depend on how many slots share a step.
 
-``kernels(qtype)`` gives a type's pair, compiled on first use (a server loads the types its
+``kernels(qtype)`` gives a type's kernels, compiled on first use (a server loads the types its
 model has); types outside LEGACY_KINDS keep the generic products.
 """
 
@@ -343,28 +343,8 @@ def _compile(kind: int, vnni: bool):
                 out[t, r] = _activate(act, s[_OUT_A + t], s[_OUT_B + t], gelu_table)
 
     if lanes_path:
-        return _with_pad(group_lanes, 1), _with_pad(gate_up_lanes, 2)
-    return _with_threads(group), _with_threads(gate_up)
-
-
-class _Entry:
-    """A compiled kernel (``kernel``) called with the entry point's arguments plus one it
-    derives: the lanes kernels' token count for the rows, or the thread count for the
-    scratch of the row-at-a-time ones."""
-
-    def __init__(self, kernel, extra):
-        self.kernel, self._extra = kernel, extra
-
-    def __call__(self, *args):
-        return self.kernel(*args, self._extra(args))
-
-
-def _with_pad(fn, xs_arg: int) -> _Entry:
-    return _Entry(fn, lambda args: lanes.padded_tokens(args[xs_arg].shape[0]))
-
-
-def _with_threads(fn) -> _Entry:
-    return _Entry(fn, lambda args: numba.config.NUMBA_NUM_THREADS)
+        return group_lanes, gate_up_lanes, True
+    return group, gate_up, False
 
 
 _KERNELS: dict = {}
@@ -373,7 +353,9 @@ _EMPTY_VEC = np.zeros(0, np.float32)
 
 
 def kernels(kind: int, vnni: bool | None = None):
-    """(group, gate_up) for a legacy type, compiled on first use."""
+    """(group, gate_up, lanes) for a legacy type, compiled on first use. Their last argument
+    is _last_arg(lanes, n): the lanes kernels' padded token count for n rows, or the thread
+    count for the per-thread scratch of the row-at-a-time ones."""
     vnni = _VNNI if vnni is None else vnni
     if vnni and not _VNNI:
         raise ValueError("this CPU has no VNNI; use vnni=False")
@@ -383,6 +365,10 @@ def kernels(kind: int, vnni: bool | None = None):
             raise ValueError(f"no batched decode kernel for quant type {kind}")
         _KERNELS[key] = _compile(key[0], vnni)
     return _KERNELS[key]
+
+
+def _last_arg(lanes_path: bool, n_rows: int) -> int:
+    return lanes.padded_tokens(n_rows) if lanes_path else numba.config.NUMBA_NUM_THREADS
 
 
 def _check(xs: np.ndarray, n_in: int) -> None:
@@ -399,8 +385,9 @@ def group(kind: int, raws: tuple, xs: np.ndarray, norm_w=None, eps=0.0,
     when given; row t bit-equal to fused.matvec_group on xs[t]."""
     _check(xs, raws[0].shape[1] // L.BLOCK_BYTES[int(kind)] * L.QK)
     ys = np.empty((xs.shape[0], sum(r.shape[0] for r in raws)), np.float32)  # (n, n_out)
-    kernels(kind, vnni)[0](raws, xs, _EMPTY_VEC if norm_w is None else norm_w, np.float32(eps),
-                           _EMPTY_ROWS if residual is None else residual, ys)
+    fn, _, uses_lanes = kernels(kind, vnni)
+    fn(raws, xs, _EMPTY_VEC if norm_w is None else norm_w, np.float32(eps),
+       _EMPTY_ROWS if residual is None else residual, ys, _last_arg(uses_lanes, xs.shape[0]))
     return ys
 
 
@@ -410,5 +397,7 @@ def gate_up(kind: int, raw_g, raw_u, xs: np.ndarray, norm_w, eps, act: int, gelu
     to fused.ffn_gate_up on xs[t]."""
     _check(xs, raw_g.shape[1] // L.BLOCK_BYTES[int(kind)] * L.QK)
     out = np.empty((xs.shape[0], raw_g.shape[0]), np.float32)  # (n, n_ff)
-    kernels(kind, vnni)[1](raw_g, raw_u, xs, norm_w, np.float32(eps), act, gelu_table, out)
+    _, fn, uses_lanes = kernels(kind, vnni)
+    fn(raw_g, raw_u, xs, norm_w, np.float32(eps), act, gelu_table, out,
+       _last_arg(uses_lanes, xs.shape[0]))
     return out

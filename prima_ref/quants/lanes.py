@@ -238,6 +238,11 @@ def prepare(xs, norm_w, eps, padded):
     sx = np.empty((n, nb), np.int32)
     dsx = np.empty((n, nb), np.float32)
     _quantize_rows_q8(h, qx, dx, sx, dsx)
+    if padded == 1:  # one token: block-major is row-major, only -sx to write
+        nsx = np.empty(nb, np.int32)
+        for blk in range(nb):
+            nsx[blk] = -sx[0, blk]
+        return qx.reshape(-1), dx.reshape(-1), nsx, dsx.reshape(-1)
     # plain loops: in a parallel caller an array expression or a slice copy would each be a
     # parallel region of its own (a fork/join per block)
     qxb = np.empty(nb * padded * QK, np.int8)
@@ -314,56 +319,15 @@ def locate(raws, gs, g):
     return m, r0, min(ROWS, raws[m].shape[0] - r0)
 
 
-_BB = np.array([BLOCK_BYTES.get(k, 1) for k in range(max(KINDS) + 1)], np.int64)
-
-
 @njit(cache=True, parallel=True)
-def matvec(raw, kind, x, y):
+def matvec(raw, kind, block_bytes, x, y):
     """y = W x for one legacy matrix (kind its ggml type id): legacy's matvec on VNNI CPUs."""
     qxb, dxb, nsxb, dsxb = prepare(x.reshape((1, x.shape[0])), np.empty(0, np.float32),
                                    np.float32(0), 1)
     n_rows, rb = raw.shape
-    nb = rb // _BB[kind]
+    nb = rb // block_bytes
     flat = raw.reshape(-1)
     for g in prange((n_rows + ROWS - 1) // ROWS):
         r0 = g * ROWS
         rows_one(kind, flat, r0 * rb, rb, min(ROWS, n_rows - r0), nb, qxb, dxb, nsxb, dsxb,
                  y, r0)
-
-
-def _compile(kind: int, n_tok: int):
-    bb = BLOCK_BYTES[kind]
-
-    @njit(cache=True, parallel=True)
-    def matmul(raw, qxb, dxb, nsxb, dsxb, ys):
-        """ys (n_tok, n_rows) = W x for the first n_tok tokens of the block-major
-        activations."""
-        n_rows = ys.shape[1]
-        row_bytes = raw.shape[1]
-        n_blocks = row_bytes // bb
-        padded = dxb.shape[0] // n_blocks
-        flat, yf = raw.reshape(-1), ys.reshape(-1)
-        for g in prange((n_rows + ROWS - 1) // ROWS):
-            r0 = g * ROWS
-            rows16(kind, n_tok, flat, r0 * row_bytes, row_bytes, min(ROWS, n_rows - r0),
-                   n_blocks, qxb, dxb, nsxb, dsxb, padded, yf, r0, n_rows, n_tok)
-
-    return matmul
-
-
-_KERNELS: dict = {}
-
-
-def matmul(kind: int, raw: np.ndarray, act) -> np.ndarray:  # for tests and benchmarks
-    """ys (n_tokens, n_rows) for a legacy-quant matrix and legacy.prepare_activations' act,
-    n_tokens <= MAX_TOKENS."""
-    n = act.n_tokens
-    if not 1 <= n <= MAX_TOKENS:
-        raise ValueError(f"lanes.matmul takes 1..{MAX_TOKENS} tokens, got {n}")
-    key = (int(kind), n)
-    fn = _KERNELS.get(key)
-    if fn is None:
-        fn = _KERNELS[key] = _compile(*key)
-    ys = np.empty((n, raw.shape[0]), np.float32)  # (n_tokens, n_rows)
-    fn(raw, act.qxb, act.dxb, act.nsxb, act.dsxb, ys)
-    return ys

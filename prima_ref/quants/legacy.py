@@ -537,7 +537,7 @@ def make_kernels(qtype: T, vnni: bool) -> QuantKernels:
         x = _check_x(qtype, x, _check_raw(qtype, raw), 1)
         y = np.empty(raw.shape[0], np.float32)  # (n_rows,)
         if vnni and lanes.available():  # rows in lanes: the decode kernels' arithmetic
-            lanes.matvec(raw, kind, x, y)
+            lanes.matvec(raw, kind, BLOCK_BYTES[kind], x, y)
             return y
         qx, dx, sx, dsx = quantize_x_q8(x)
         matvec_nb(raw, qx, dx, dsx, y)
