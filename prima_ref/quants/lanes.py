@@ -49,13 +49,11 @@ from prima_ref.quants.tiled import (
     Q5_0,
     Q5_1,
     Q8_0,
-    QH_OFF,
     QS_OFF,
     ROWS,
     _call,
     _const16,
     _data,
-    _gather,
     _half_to_f32,
     _splat,
     available,  # noqa: F401  (lanes.available(): the same CPU test)
@@ -70,6 +68,8 @@ PREFETCH_LOCALITY = 1
 PREFETCH_GROUPS = 2
 _V4I32 = ir.VectorType(_I32, 4)
 _ZERO_F, _ZERO_I = ir.Constant(_V16F32, None), ir.Constant(_V16I32, None)
+# bit j of a 4-bit index -> bit 4 of byte j (Q5's 5th bits of 4 weights, as in one dword)
+_SPREAD = _const16(sum(((n >> j) & 1) << (8 * j + 4) for j in range(4)) for n in range(16))
 
 
 def _shuffle(b, x, y, idx):
@@ -77,28 +77,83 @@ def _shuffle(b, x, y, idx):
                                               [int(i) for i in idx]))
 
 
+def _dwords(b, p0, p8, offs, at):
+    """The dword at byte `at` of each of the 16 rows, as one vector (16 loads, no gather)."""
+    v = [b.load(b.bitcast(b.gep(b.gep(p8 if r >= 8 else p0, [offs[r % 8]]),
+                                [ir.Constant(_I64, at)]), _I32.as_pointer()), align=1)
+         for r in range(ROWS)]
+    vs = [b.insert_element(ir.Constant(_V4I32, None), v[4 * k], ir.Constant(_I32, 0))
+          for k in range(4)]
+    for k in range(4):
+        for j in range(1, 4):
+            vs[k] = b.insert_element(vs[k], v[4 * k + j], ir.Constant(_I32, j))
+    lo = _shuffle(b, vs[0], vs[1], range(8))
+    hi = _shuffle(b, vs[2], vs[3], range(8))
+    return _shuffle(b, lo, hi, range(16))
+
+
+def _qwords(b, p0, p8, offs):
+    """(low, high) dwords of the qword at byte 0 of each of the 16 rows, as two vectors."""
+    v2 = ir.VectorType(_I64, 2)
+    vs = []
+    for k in range(8):
+        pair = ir.Constant(v2, None)
+        for j in range(2):
+            r = 2 * k + j
+            p = b.gep(p8 if r >= 8 else p0, [offs[r % 8]])
+            pair = b.insert_element(pair, b.load(b.bitcast(p, _I64.as_pointer()), align=1),
+                                    ir.Constant(_I32, j))
+        vs.append(pair)
+    fours = [_shuffle(b, vs[2 * k], vs[2 * k + 1], range(4)) for k in range(4)]
+    eights = [_shuffle(b, fours[2 * k], fours[2 * k + 1], range(8)) for k in range(2)]
+    d = [b.bitcast(e, _V16I32) for e in eights]
+    return (_shuffle(b, d[0], d[1], range(0, 32, 2)), _shuffle(b, d[0], d[1], range(1, 32, 2)))
+
+
+def _opaque(b, value):
+    """value, hidden from LLVM's loop and vector analyses (an empty asm; no instruction)."""
+    return b.asm(ir.FunctionType(value.type, [value.type]), "", "=r,0", [value], False)
+
+
 def _transpose(b, quads):
-    """16 rows' 4-dword vectors (quads[r]) -> 4 vectors of 16 lanes: out[i][r] = quads[r][i]."""
-    pairs = [_shuffle(b, quads[2 * k], quads[2 * k + 1], range(8)) for k in range(8)]
-    fours = [_shuffle(b, pairs[2 * k], pairs[2 * k + 1], range(16)) for k in range(4)]
-    # fours[k] lane 4j + i: row 4k + j, dword i
-    out = []
-    for i in range(4):
-        lo = _shuffle(b, fours[0], fours[1], [i, 4 + i, 8 + i, 12 + i,
-                                              16 + i, 20 + i, 24 + i, 28 + i] + [0] * 8)
-        hi = _shuffle(b, fours[2], fours[3], [i, 4 + i, 8 + i, 12 + i,
-                                              16 + i, 20 + i, 24 + i, 28 + i] + [0] * 8)
-        out.append(_shuffle(b, lo, hi, list(range(8)) + list(range(16, 24))))
-    return out
+    """16 rows' 4-dword vectors (quads[r]) -> 4 vectors of 16 lanes: out[i][r] = quads[r][i].
+
+    z[k] holds rows k, k + 4, k + 8, k + 12 in its four 128-bit lanes (loads and inserts);
+    a 4 x 4 transpose inside each 128-bit lane (8 unpacks, no lane crossing) then leaves
+    dword i of rows 4l..4l + 3 in lane l of out[i]: rows 0..15 in order."""
+    z = []
+    for k in range(4):
+        lo = _shuffle(b, quads[k], quads[k + 4], range(8))
+        hi = _shuffle(b, quads[k + 8], quads[k + 12], range(8))
+        z.append(_shuffle(b, lo, hi, range(16)))
+
+    def unpack(x, y, first):  # per 128-bit lane l: x[4l + f], y[4l + f], x[4l + f + 1], ...
+        idx = []
+        for lane in range(4):
+            for j in first:
+                idx += [4 * lane + j, 16 + 4 * lane + j]
+        return _shuffle(b, x, y, idx)
+
+    def unpack64(x, y, half):  # per lane: x's and y's dword pair `half` (0: low, 1: high)
+        idx = []
+        for lane in range(4):
+            base = 4 * lane + 2 * half
+            idx += [base, base + 1, 16 + base, 16 + base + 1]
+        return _shuffle(b, x, y, idx)
+
+    t0, t1 = unpack(z[0], z[1], (0, 1)), unpack(z[0], z[1], (2, 3))
+    t2, t3 = unpack(z[2], z[3], (0, 1)), unpack(z[2], z[3], (2, 3))
+    return [unpack64(t0, t2, 0), unpack64(t0, t2, 1), unpack64(t1, t3, 0), unpack64(t1, t3, 1)]
 
 
 def _rows(kind: int, n_tok: int):
     """Code of rows(kind, n, raw, off, row_bytes, n_valid, n_blocks, qxb, dxb, nsxb, dsxb,
-    padded, ys, y_off, y_stride, n_store): for the 16 rows from byte off (row r at off + r *
-    row_bytes; rows >= n_valid repeat row n_valid - 1, their lanes not stored) and tokens
-    0..n-1 of the block-major activations, ys[y_off + t * y_stride + r] = sum over blocks of
-    d_r dx_t (u_r . qx_t + (-sx_t << k)) (+ m_r s_t with a min), for t < n_store."""
-    bb, qs_off, qh_off = BLOCK_BYTES[kind], QS_OFF[kind], QH_OFF[kind]
+    padded, ys, y_off, y_stride, n_store): for the n_valid rows from byte off (row r at off +
+    r * row_bytes; with n_valid < 16 the 16 - n_valid rows before off are read too, their
+    lanes not stored) and tokens 0..n-1 of the block-major activations,
+    ys[y_off + t * y_stride + r] = sum over blocks of d_r dx_t (u_r . qx_t + (-sx_t << k))
+    (+ m_r s_t with a min), for t < n_store."""
+    bb, qs_off = BLOCK_BYTES[kind], QS_OFF[kind]
     has_min, has_qh = HAS_MIN[kind], HAS_QH[kind]
 
     def codegen(context, builder, sig, args):
@@ -112,16 +167,19 @@ def _rows(kind: int, n_tok: int):
         yp = _data(context, b, sig.args[10], args[10], _F32)
         off, rb, nv, nb, padded, yo, ys, n_store = (
             context.cast(b, args[i], sig.args[i], types.int64) for i in (1, 2, 3, 4, 9, 11, 12, 13))
-        last = b.sub(nv, i64(1))
-        starts = []
-        for r in range(ROWS):
-            rr = b.select(b.icmp_signed("<", i64(r), nv), i64(r), last)
-            starts.append(b.gep(rawp, [b.add(off, b.mul(rr, rb))]))
+        # a tail group (nv < 16 rows) is shifted back over rows of the group before it, whose
+        # lanes are then not stored: every group reads 16 whole rows (callers pad matrices of
+        # fewer than 16 rows), so row r sits at r * row_bytes from one per-block pointer
+        shift = b.select(b.icmp_signed("<", nv, i64(ROWS)), b.sub(i64(ROWS), nv), i64(0))
+        first = b.sub(off, b.mul(shift, rb))
         lanes = _const16(range(ROWS))
-        clamped = b.select(b.icmp_signed("<", lanes, _splat(b, b.trunc(nv, _I32), _V16I32)),
-                           lanes, _splat(b, b.trunc(last, _I32), _V16I32))
-        idx = b.mul(_splat(b, b.trunc(rb, _I32), _V16I32), clamped)
-        ones = ir.Constant(ir.VectorType(ir.IntType(1), 16), [1] * 16)
+        # rows 0-7 from p0 and 8-15 from p8 as [p + {0, 1, 2, 4} * rb or rb3/rb5/rb7 (* 2)]:
+        # six registers; opaque() keeps LLVM from turning the 16 row addresses into 16
+        # induction variables (spilled, two instructions each a block) or SIMD lanes
+        rb3, rb5, rb7 = (_opaque(b, b.mul(rb, i64(k))) for k in (3, 5, 7))
+        offs = [i64(0), rb, b.mul(rb, i64(2)), rb3, b.mul(rb, i64(4)), rb5, b.mul(rb3, i64(2)),
+                rb7]
+        rb8 = b.mul(rb, i64(8))
         fma = cgutils.get_or_insert_function(
             b.module, ir.FunctionType(_V16F32, [_V16F32] * 3), "llvm.fma.v16f32")
         c = lambda v: _const16([v] * 16)  # noqa: E731
@@ -133,25 +191,32 @@ def _rows(kind: int, n_tok: int):
         blk = b.phi(_I64)
         accs = [b.phi(_V16F32) for _ in range(n_tok)]
         boff = b.mul(blk, i64(bb))
+        p0 = _opaque(b, b.gep(rawp, [b.add(first, boff)]))
+        p8 = _opaque(b, b.gep(p0, [rb8]))
 
         def quads(k):  # each row's dwords k..k+3 of the block's quants, transposed
             qs = []
             for r in range(ROWS):
-                p = b.gep(starts[r], [b.add(boff, i64(qs_off + 16 * k))])
+                row = b.gep(p8 if r >= 8 else p0, [offs[r % 8]])
+                p = b.gep(row, [i64(qs_off + 16 * k)])
                 qs.append(b.load(b.bitcast(p, _V4I32.as_pointer()), align=1))
             return _transpose(b, qs)
 
         # the rows of one group are 16 * row_bytes contiguous bytes, read as 16 strided
         # streams at a time, which the hardware prefetchers follow poorly (short rows: not at
         # all): fetch the group PREFETCH_GROUPS ahead at the same pace (16 * bb bytes a block)
-        ahead = b.add(b.add(off, b.mul(rb, i64(ROWS * PREFETCH_GROUPS))),
+        ahead = b.add(b.add(first, b.mul(rb, i64(ROWS * PREFETCH_GROUPS))),
                       b.mul(blk, i64(ROWS * bb)))
         for j in range(0, ROWS * bb, 64):
             pf = b.gep(rawp, [b.add(ahead, i64(j))])
             _call(b, "llvm.prefetch.p0i8", ir.VoidType(),
                   [pf, ir.Constant(_I32, 0), ir.Constant(_I32, PREFETCH_LOCALITY),
                    ir.Constant(_I32, 1)])
-        head = _gather(b, b.gep(rawp, [b.add(off, boff)]), idx, ones)
+        if has_qh:  # d (and m), then qh: one qword a row
+            head, high = _qwords(b, p0, p8, offs)
+            qh = high if has_min else b.or_(b.lshr(head, c(16)), b.shl(high, c(16)))
+        else:
+            head = _dwords(b, p0, p8, offs, 0)
         dv = _half_to_f32(b, head)
         mv = _half_to_f32(b, b.lshr(head, c(16))) if has_min else None
         if kind == Q8_0:
@@ -161,11 +226,10 @@ def _rows(kind: int, n_tok: int):
             wv = [b.and_(q, c(0x0F0F0F0F)) for q in q4] + \
                  [b.and_(b.lshr(q, c(4)), c(0x0F0F0F0F)) for q in q4]
             if has_qh:  # bit j of qh: 5th bit of weight j, to bit 4 of its byte
-                qh = _gather(b, b.gep(rawp, [b.add(off, b.add(boff, i64(qh_off)))]), idx, ones)
-                for i in range(GROUPS):
-                    four = b.and_(b.lshr(qh, c(4 * i)), c(0xF))
-                    spread = b.mul(four, c(0x02040810))
-                    wv[i] = b.or_(wv[i], b.and_(spread, c(0x10101010)))
+                for i in range(GROUPS):  # qh's 4 bits of group i, spread by a vpermd table
+                    four = b.lshr(qh, c(4 * i)) if i else qh  # vpermd reads 4 index bits
+                    wv[i] = b.or_(wv[i], _call(b, "llvm.x86.avx512.permvar.si.512", _V16I32,
+                                               [_SPREAD, four]))
         new = []
         for t, acc in enumerate(accs):
             slot = b.add(b.mul(blk, padded), i64(t))
@@ -188,8 +252,9 @@ def _rows(kind: int, n_tok: int):
             b.module, ir.FunctionType(ir.VoidType(), [_V16F32, _V16F32.as_pointer(), _I32,
                                                       ir.VectorType(ir.IntType(1), 16)]),
             "llvm.masked.store.v16f32.p0v16f32")
-        valid = b.icmp_signed("<", lanes, _splat(b, b.trunc(nv, _I32), _V16I32))
+        valid = b.icmp_signed(">=", lanes, _splat(b, b.trunc(shift, _I32), _V16I32))
         none = ir.Constant(valid.type, None)
+        yo = b.sub(yo, shift)
         for t, (phi, value) in enumerate(zip(phis, new, strict=True)):
             phi.add_incoming(_ZERO_F, pre)
             phi.add_incoming(value, end)
@@ -269,31 +334,47 @@ def padded_tokens(n: int) -> int:
 
 
 @njit(cache=True, inline="always")
+def _calls(off, rb, nv):
+    """rows16 reads 16 whole rows, a tail group shifted back over the group before it; a
+    matrix of fewer than 16 rows has none before, so it goes row by row, each call reading
+    one row 16 times (row_bytes 0) and storing one lane: (calls, off step, row_bytes, nv)."""
+    if nv < ROWS and off < (ROWS - nv) * rb:
+        return nv, rb, 0, 1
+    return 1, 0, rb, nv
+
+
+@njit(cache=True, inline="always")
 def rows_n(kind, n, n_pad, flat, off, rb, nv, nb, qxb, dxb, nsxb, dsxb, ys, yo, ystride):
     """rows16 for a constant kind, n tokens stored of n_pad (1, 2, 4 or 8) computed."""
-    if n_pad == 1:
-        rows16(kind, 1, flat, off, rb, nv, nb, qxb, dxb, nsxb, dsxb, 1, ys, yo, ystride, n)
-    elif n_pad == 2:
-        rows16(kind, 2, flat, off, rb, nv, nb, qxb, dxb, nsxb, dsxb, 2, ys, yo, ystride, n)
-    elif n_pad == 4:
-        rows16(kind, 4, flat, off, rb, nv, nb, qxb, dxb, nsxb, dsxb, 4, ys, yo, ystride, n)
-    else:
-        rows16(kind, 8, flat, off, rb, nv, nb, qxb, dxb, nsxb, dsxb, 8, ys, yo, ystride, n)
+    calls, step, rbc, nvc = _calls(off, rb, nv)
+    for i in range(calls):
+        o, y = off + i * step, yo + i
+        if n_pad == 1:
+            rows16(kind, 1, flat, o, rbc, nvc, nb, qxb, dxb, nsxb, dsxb, 1, ys, y, ystride, n)
+        elif n_pad == 2:
+            rows16(kind, 2, flat, o, rbc, nvc, nb, qxb, dxb, nsxb, dsxb, 2, ys, y, ystride, n)
+        elif n_pad == 4:
+            rows16(kind, 4, flat, o, rbc, nvc, nb, qxb, dxb, nsxb, dsxb, 4, ys, y, ystride, n)
+        else:
+            rows16(kind, 8, flat, o, rbc, nvc, nb, qxb, dxb, nsxb, dsxb, 8, ys, y, ystride, n)
 
 
 @njit(cache=True, inline="always")
 def rows_one(kind, flat, off, rb, nv, nb, qxb, dxb, nsxb, dsxb, ys, yo):
     """rows16 for one token and a kind known at run time (fused's mixed q/k/v types)."""
-    if kind == Q8_0:
-        rows16(Q8_0, 1, flat, off, rb, nv, nb, qxb, dxb, nsxb, dsxb, 1, ys, yo, 0, 1)
-    elif kind == Q4_0:
-        rows16(Q4_0, 1, flat, off, rb, nv, nb, qxb, dxb, nsxb, dsxb, 1, ys, yo, 0, 1)
-    elif kind == Q4_1:
-        rows16(Q4_1, 1, flat, off, rb, nv, nb, qxb, dxb, nsxb, dsxb, 1, ys, yo, 0, 1)
-    elif kind == Q5_0:
-        rows16(Q5_0, 1, flat, off, rb, nv, nb, qxb, dxb, nsxb, dsxb, 1, ys, yo, 0, 1)
-    else:
-        rows16(Q5_1, 1, flat, off, rb, nv, nb, qxb, dxb, nsxb, dsxb, 1, ys, yo, 0, 1)
+    calls, step, rbc, nvc = _calls(off, rb, nv)
+    for i in range(calls):
+        o, y = off + i * step, yo + i
+        if kind == Q8_0:
+            rows16(Q8_0, 1, flat, o, rbc, nvc, nb, qxb, dxb, nsxb, dsxb, 1, ys, y, 0, 1)
+        elif kind == Q4_0:
+            rows16(Q4_0, 1, flat, o, rbc, nvc, nb, qxb, dxb, nsxb, dsxb, 1, ys, y, 0, 1)
+        elif kind == Q4_1:
+            rows16(Q4_1, 1, flat, o, rbc, nvc, nb, qxb, dxb, nsxb, dsxb, 1, ys, y, 0, 1)
+        elif kind == Q5_0:
+            rows16(Q5_0, 1, flat, o, rbc, nvc, nb, qxb, dxb, nsxb, dsxb, 1, ys, y, 0, 1)
+        else:
+            rows16(Q5_1, 1, flat, o, rbc, nvc, nb, qxb, dxb, nsxb, dsxb, 1, ys, y, 0, 1)
 
 
 @njit(cache=True, inline="always")
