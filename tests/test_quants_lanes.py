@@ -69,6 +69,27 @@ def test_decode_entry_points_agree_with_each_other_and_llama_cpp(qtype):
 
 
 @needs_lanes
+@pytest.mark.parametrize("qtype", [T.Q4_K, T.Q5_K, T.Q6_K], ids=lambda t: t.name)
+@pytest.mark.parametrize("n_rows", [1, 15, 37])
+def test_k_quant_decode_equals_the_prefill_tiles_bit_for_bit(qtype, n_rows):
+    """k_quants' matmul of 1..8 tokens and fused.kq_matvec (the decode products) against the
+    K prefill tiles, on any bit pattern with finite scales; 3 super-blocks a row."""
+    rng = np.random.default_rng(int(qtype) * 17 + n_rows)
+    n_cols = 768
+    raw = random_rows(qtype, rng, n_rows, n_cols // LAYOUTS[qtype].block_size)
+    raw.flags.writeable = False
+    xs = rng.standard_normal((8, n_cols)).astype(np.float32)
+    ref = tiled.matmul_k(int(qtype), raw, xs)  # (8, n_rows)
+    for n in range(1, 9):
+        got = kernels(qtype).matmul(raw, xs[:n])
+        assert got.shape == (n, n_rows)
+        assert np.array_equal(_bits(got), _bits(ref[:n])), n
+    y = np.empty(n_rows, np.float32)
+    fused.kq_matvec(raw, int(qtype), xs[0], _EMPTY, np.float32(0), _EMPTY, _EMPTY, y)
+    assert np.array_equal(_bits(y), _bits(ref[0]))
+
+
+@needs_lanes
 def test_matrices_of_a_group_do_not_overwrite_each_other():
     """Several matrices in one call, each ending in a partial group of 16 rows: a tail lane
     stored would land on the next matrix's first rows. Mixed types in the one-row kernel."""

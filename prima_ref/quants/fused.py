@@ -179,6 +179,7 @@ _KQ_SLOTS = np.stack([K._slots(t) for t in _KQ_TYPES]).astype(np.int64)  # (5, 2
 _KQ_SUM_LANE = np.stack([K._x_sums(t)[0] for t in _KQ_TYPES]).astype(np.int64)  # (5, 256)
 _KQ_LANES = np.array([K._x_sums(t)[1] for t in _KQ_TYPES], np.int64)  # (5,)
 _KQ_FACTOR = np.array([K._x_sums(t)[2] for t in _KQ_TYPES], np.int64)  # (5,)
+_KQ_LANES_FIRST = lanes.K_KINDS[0]  # Q4_K, Q5_K, Q6_K: the lanes kernels (ids consecutive)
 
 
 @njit(cache=True, inline="always")
@@ -202,6 +203,15 @@ def kq_matvec(raw, kind, x, norm_w, eps, post_w, residual, y):
     if norm_w.shape[0]:
         h = np.empty((1, n), np.float32)
         rms_norm(x.reshape((1, n)), norm_w, eps, h)
+    if _LANES and kind >= _KQ_LANES_FIRST:  # Q4_K..Q6_K: k_quants' matvec is lanes' too
+        xq, xd, xs32, xs16 = lanes.prepare_k(h, 1)
+        flat, rb, nsb = raw.reshape(-1), raw.shape[1], n // QK_K
+        for g in prange((raw.shape[0] + lanes.ROWS - 1) // lanes.ROWS):
+            r0 = g * lanes.ROWS
+            lanes.rows_k_one(kind, flat, r0 * rb, rb, min(lanes.ROWS, raw.shape[0] - r0), nsb,
+                             xq, xd, xs32, xs16, y, r0)
+        _finish(y, post_w, eps, residual)
+        return
     n_blocks = n // QK_K
     xq = np.empty((1, n), np.int8)  # slot order
     xd = np.empty((1, n_blocks), np.float32)

@@ -29,6 +29,7 @@ from numba.core import cgutils, errors
 from numba.extending import intrinsic
 
 from prima_ref.model.ops import rms_norm
+from prima_ref.quants import tiled
 from prima_ref.quants.layouts import QK_LEGACY as QK
 from prima_ref.quants.simd import _quantize_rows_q8
 from prima_ref.quants.tiled import (
@@ -42,15 +43,23 @@ from prima_ref.quants.tiled import (
     GROUPS,
     HAS_MIN,
     HAS_QH,
+    K_KINDS,
     K_SHIFT,
     KINDS,
+    N_SUB16,
+    N_SUB32,
     Q4_0,
     Q4_1,
+    Q4_K,
     Q5_0,
     Q5_1,
+    Q5_K,
+    Q6_K,
     Q8_0,
+    QK_K,
     QS_OFF,
     ROWS,
+    SUB,
     _call,
     _const16,
     _data,
@@ -66,6 +75,7 @@ MAX_TOKENS = 8
 # threads: into L1 (prefetcht0) up to 2x slower on wide rows, 1 or 4 groups no better
 PREFETCH_LOCALITY = 1
 PREFETCH_GROUPS = 2
+K_BLOCK_BYTES = {Q4_K: 144, Q5_K: 176, Q6_K: 210}
 _V4I32 = ir.VectorType(_I32, 4)
 _ZERO_F, _ZERO_I = ir.Constant(_V16F32, None), ir.Constant(_V16I32, None)
 # bit j of a 4-bit index -> bit 4 of byte j (Q5's 5th bits of 4 weights, as in one dword)
@@ -75,39 +85,6 @@ _SPREAD = _const16(sum(((n >> j) & 1) << (8 * j + 4) for j in range(4)) for n in
 def _shuffle(b, x, y, idx):
     return b.shuffle_vector(x, y, ir.Constant(ir.VectorType(_I32, len(idx)),
                                               [int(i) for i in idx]))
-
-
-def _dwords(b, p0, p8, offs, at):
-    """The dword at byte `at` of each of the 16 rows, as one vector (16 loads, no gather)."""
-    v = [b.load(b.bitcast(b.gep(b.gep(p8 if r >= 8 else p0, [offs[r % 8]]),
-                                [ir.Constant(_I64, at)]), _I32.as_pointer()), align=1)
-         for r in range(ROWS)]
-    vs = [b.insert_element(ir.Constant(_V4I32, None), v[4 * k], ir.Constant(_I32, 0))
-          for k in range(4)]
-    for k in range(4):
-        for j in range(1, 4):
-            vs[k] = b.insert_element(vs[k], v[4 * k + j], ir.Constant(_I32, j))
-    lo = _shuffle(b, vs[0], vs[1], range(8))
-    hi = _shuffle(b, vs[2], vs[3], range(8))
-    return _shuffle(b, lo, hi, range(16))
-
-
-def _qwords(b, p0, p8, offs):
-    """(low, high) dwords of the qword at byte 0 of each of the 16 rows, as two vectors."""
-    v2 = ir.VectorType(_I64, 2)
-    vs = []
-    for k in range(8):
-        pair = ir.Constant(v2, None)
-        for j in range(2):
-            r = 2 * k + j
-            p = b.gep(p8 if r >= 8 else p0, [offs[r % 8]])
-            pair = b.insert_element(pair, b.load(b.bitcast(p, _I64.as_pointer()), align=1),
-                                    ir.Constant(_I32, j))
-        vs.append(pair)
-    fours = [_shuffle(b, vs[2 * k], vs[2 * k + 1], range(4)) for k in range(4)]
-    eights = [_shuffle(b, fours[2 * k], fours[2 * k + 1], range(8)) for k in range(2)]
-    d = [b.bitcast(e, _V16I32) for e in eights]
-    return (_shuffle(b, d[0], d[1], range(0, 32, 2)), _shuffle(b, d[0], d[1], range(1, 32, 2)))
 
 
 def _opaque(b, value):
@@ -146,24 +123,76 @@ def _transpose(b, quads):
     return [unpack64(t0, t2, 0), unpack64(t0, t2, 1), unpack64(t1, t3, 0), unpack64(t1, t3, 1)]
 
 
-def _rows(kind: int, n_tok: int):
-    """Code of rows(kind, n, raw, off, row_bytes, n_valid, n_blocks, qxb, dxb, nsxb, dsxb,
-    padded, ys, y_off, y_stride, n_store): for the n_valid rows from byte off (row r at off +
-    r * row_bytes; with n_valid < 16 the 16 - n_valid rows before off are read too, their
-    lanes not stored) and tokens 0..n-1 of the block-major activations,
-    ys[y_off + t * y_stride + r] = sum over blocks of d_r dx_t (u_r . qx_t + (-sx_t << k))
-    (+ m_r s_t with a min), for t < n_store."""
-    bb, qs_off = BLOCK_BYTES[kind], QS_OFF[kind]
-    has_min, has_qh = HAS_MIN[kind], HAS_QH[kind]
+class _Rows:
+    """The 16 rows of one block (legacy) or super-block (K) in the loop of ``_frame``: row r
+    at p0 (rows 0-7) or p8 (8-15) plus offs[r % 8]."""
+
+    def __init__(self, b, p0, p8, offs):
+        self.b, self.p0, self.p8, self.offs = b, p0, p8, offs
+        self._quads = {}
+
+    def ptr(self, r, at):
+        b = self.b
+        return b.gep(b.gep(self.p8 if r >= 8 else self.p0, [self.offs[r % 8]]),
+                     [ir.Constant(_I64, at)])
+
+    def quads(self, at):
+        """Each row's 16 bytes from byte `at`, transposed: 4 vectors, out[i][r] = dword i."""
+        if at not in self._quads:
+            b = self.b
+            qs = [b.load(b.bitcast(self.ptr(r, at), _V4I32.as_pointer()), align=1)
+                  for r in range(ROWS)]
+            self._quads[at] = _transpose(b, qs)
+        return self._quads[at]
+
+    def dword(self, at):
+        """The dword at byte `at` (a multiple of 4) of each row, from the transposed quads."""
+        return self.quads(at - at % 16)[at % 16 // 4]
+
+    def dwords(self, at):
+        """The dword at byte `at` of each row, as one vector: 16 loads (a 16-lane vpgatherdd
+        cost a quarter of the legacy loop)."""
+        b = self.b
+        v = [b.load(b.bitcast(self.ptr(r, at), _I32.as_pointer()), align=1) for r in range(ROWS)]
+        vs = [b.insert_element(ir.Constant(_V4I32, None), v[4 * k], ir.Constant(_I32, 0))
+              for k in range(4)]
+        for k in range(4):
+            for j in range(1, 4):
+                vs[k] = b.insert_element(vs[k], v[4 * k + j], ir.Constant(_I32, j))
+        return _shuffle(b, _shuffle(b, vs[0], vs[1], range(8)),
+                        _shuffle(b, vs[2], vs[3], range(8)), range(16))
+
+    def qwords(self):
+        """(low, high) dwords of the qword at byte 0 of each row, as two vectors."""
+        b = self.b
+        v2 = ir.VectorType(_I64, 2)
+        vs = []
+        for k in range(8):
+            pair = ir.Constant(v2, None)
+            for j in range(2):
+                p = b.bitcast(self.ptr(2 * k + j, 0), _I64.as_pointer())
+                pair = b.insert_element(pair, b.load(p, align=1), ir.Constant(_I32, j))
+            vs.append(pair)
+        fours = [_shuffle(b, vs[2 * k], vs[2 * k + 1], range(4)) for k in range(4)]
+        d = [b.bitcast(_shuffle(b, fours[2 * k], fours[2 * k + 1], range(8)), _V16I32)
+             for k in range(2)]
+        return (_shuffle(b, d[0], d[1], range(0, 32, 2)),
+                _shuffle(b, d[0], d[1], range(1, 32, 2)))
+
+
+def _frame(block_bytes: int, n_tok: int, elems, body):
+    """Code of an intrinsic (raw, off, row_bytes, n_valid, n_blocks, 4 activation arrays (elems
+    their element types), padded, ys, y_off, y_stride, n_store): the loop over the (super-)
+    blocks of the n_valid rows from byte off (row r at off + r * row_bytes; with n_valid < 16
+    the 16 - n_valid rows before off are read too, their lanes not stored) with n_tok float32x16
+    accumulators, body(b, blk, rows, accs, xptrs, padded, fma) -> the accumulators after that
+    block, then ys[y_off + t * y_stride + r] = accumulator t, lane r, for t < n_store."""
 
     def codegen(context, builder, sig, args):
         b = builder
         i64 = lambda v: ir.Constant(_I64, v)  # noqa: E731
         rawp = _data(context, b, sig.args[0], args[0], _I8)
-        qp = _data(context, b, sig.args[5], args[5], _I32)
-        dxp = _data(context, b, sig.args[6], args[6], _F32)
-        sp = _data(context, b, sig.args[7], args[7], _I32)
-        dsp = _data(context, b, sig.args[8], args[8], _F32)
+        xptrs = [_data(context, b, sig.args[5 + i], args[5 + i], e) for i, e in enumerate(elems)]
         yp = _data(context, b, sig.args[10], args[10], _F32)
         off, rb, nv, nb, padded, yo, ys, n_store = (
             context.cast(b, args[i], sig.args[i], types.int64) for i in (1, 2, 3, 4, 9, 11, 12, 13))
@@ -182,7 +211,6 @@ def _rows(kind: int, n_tok: int):
         rb8 = b.mul(rb, i64(8))
         fma = cgutils.get_or_insert_function(
             b.module, ir.FunctionType(_V16F32, [_V16F32] * 3), "llvm.fma.v16f32")
-        c = lambda v: _const16([v] * 16)  # noqa: E731
 
         pre = b.block
         loop, done = b.append_basic_block("lanes.loop"), b.append_basic_block("lanes.done")
@@ -190,54 +218,19 @@ def _rows(kind: int, n_tok: int):
         b.position_at_end(loop)
         blk = b.phi(_I64)
         accs = [b.phi(_V16F32) for _ in range(n_tok)]
-        boff = b.mul(blk, i64(bb))
-        p0 = _opaque(b, b.gep(rawp, [b.add(first, boff)]))
-        p8 = _opaque(b, b.gep(p0, [rb8]))
-
-        def quads(k):  # each row's dwords k..k+3 of the block's quants, transposed
-            qs = []
-            for r in range(ROWS):
-                row = b.gep(p8 if r >= 8 else p0, [offs[r % 8]])
-                p = b.gep(row, [i64(qs_off + 16 * k)])
-                qs.append(b.load(b.bitcast(p, _V4I32.as_pointer()), align=1))
-            return _transpose(b, qs)
-
+        p0 = _opaque(b, b.gep(rawp, [b.add(first, b.mul(blk, i64(block_bytes)))]))
+        rows = _Rows(b, p0, _opaque(b, b.gep(p0, [rb8])), offs)
         # the rows of one group are 16 * row_bytes contiguous bytes, read as 16 strided
         # streams at a time, which the hardware prefetchers follow poorly (short rows: not at
-        # all): fetch the group PREFETCH_GROUPS ahead at the same pace (16 * bb bytes a block)
+        # all): fetch the group PREFETCH_GROUPS ahead at the same pace (16 blocks a block)
         ahead = b.add(b.add(first, b.mul(rb, i64(ROWS * PREFETCH_GROUPS))),
-                      b.mul(blk, i64(ROWS * bb)))
-        for j in range(0, ROWS * bb, 64):
+                      b.mul(blk, i64(ROWS * block_bytes)))
+        for j in range(0, ROWS * block_bytes, 64):
             pf = b.gep(rawp, [b.add(ahead, i64(j))])
             _call(b, "llvm.prefetch.p0i8", ir.VoidType(),
                   [pf, ir.Constant(_I32, 0), ir.Constant(_I32, PREFETCH_LOCALITY),
                    ir.Constant(_I32, 1)])
-        if has_qh:  # d (and m), then qh: one qword a row
-            head, high = _qwords(b, p0, p8, offs)
-            qh = high if has_min else b.or_(b.lshr(head, c(16)), b.shl(high, c(16)))
-        else:
-            head = _dwords(b, p0, p8, offs, 0)
-        dv = _half_to_f32(b, head)
-        mv = _half_to_f32(b, b.lshr(head, c(16))) if has_min else None
-        if kind == Q8_0:
-            wv = [b.xor(q, c(0x80808080)) for q in quads(0) + quads(1)]
-        else:
-            q4 = quads(0)
-            wv = [b.and_(q, c(0x0F0F0F0F)) for q in q4] + \
-                 [b.and_(b.lshr(q, c(4)), c(0x0F0F0F0F)) for q in q4]
-            if has_qh:  # bit j of qh: 5th bit of weight j, to bit 4 of its byte
-                for i in range(GROUPS):  # qh's 4 bits of group i, spread by a vpermd table
-                    four = b.lshr(qh, c(4 * i)) if i else qh  # vpermd reads 4 index bits
-                    wv[i] = b.or_(wv[i], _call(b, "llvm.x86.avx512.permvar.si.512", _V16I32,
-                                               [_SPREAD, four]))
-        new = []
-        for t, acc in enumerate(accs):
-            slot = b.add(b.mul(blk, padded), i64(t))
-            seed = None
-            if not has_min:  # -k * sum(qx): the tiles' seed, from -sum(qx)
-                nsx = _splat(b, b.load(b.gep(sp, [slot]), align=4), _V16I32)
-                seed = b.shl(nsx, c(K_SHIFT[kind]))
-            new.append(block_fma(b, fma, wv, dv, mv, seed, qp, dxp, dsp, slot, acc))
+        new = body(b, blk, rows, accs, xptrs, padded, fma)
         nxt = b.add(blk, i64(1))
         end = b.block
         blk.add_incoming(i64(0), pre)
@@ -266,16 +259,93 @@ def _rows(kind: int, n_tok: int):
     return codegen
 
 
+def _rows(kind: int, n_tok: int):
+    """Code of rows16 (legacy kinds): activations qxb, dxb, nsxb, dsxb block-major (see
+    prepare); ys[.. t, r] = sum over blocks of d_r dx_t (u_r . qx_t + (-sx_t << k)) (+ m_r
+    s_t with a min)."""
+    qs_off, has_min, has_qh = QS_OFF[kind], HAS_MIN[kind], HAS_QH[kind]
+    c = lambda v: _const16([v] * 16)  # noqa: E731
+
+    def body(b, blk, rows, accs, xptrs, padded, fma):
+        qp, dxp, sp, dsp = xptrs
+        if has_qh:  # d (and m), then qh: one qword a row
+            head, high = rows.qwords()
+            qh = high if has_min else b.or_(b.lshr(head, c(16)), b.shl(high, c(16)))
+        else:
+            head = rows.dwords(0)
+        dv = _half_to_f32(b, head)
+        mv = _half_to_f32(b, b.lshr(head, c(16))) if has_min else None
+        if kind == Q8_0:
+            wv = [b.xor(q, c(0x80808080)) for q in rows.quads(qs_off) + rows.quads(qs_off + 16)]
+        else:
+            q4 = rows.quads(qs_off)
+            wv = [b.and_(q, c(0x0F0F0F0F)) for q in q4] + \
+                 [b.and_(b.lshr(q, c(4)), c(0x0F0F0F0F)) for q in q4]
+            if has_qh:
+                for i in range(GROUPS):  # qh's 4 bits of group i, spread by a vpermd table
+                    four = b.lshr(qh, c(4 * i)) if i else qh  # vpermd reads 4 index bits
+                    wv[i] = b.or_(wv[i], _call(b, "llvm.x86.avx512.permvar.si.512", _V16I32,
+                                               [_SPREAD, four]))
+        new = []
+        for t, acc in enumerate(accs):
+            slot = b.add(b.mul(blk, padded), ir.Constant(_I64, t))
+            seed = None
+            if not has_min:  # -k * sum(qx): the tiles' seed, from -sum(qx)
+                nsx = _splat(b, b.load(b.gep(sp, [slot]), align=4), _V16I32)
+                seed = b.shl(nsx, c(K_SHIFT[kind]))
+            new.append(block_fma(b, fma, wv, dv, mv, seed, qp, dxp, dsp, slot, acc))
+        return new
+
+    return _frame(BLOCK_BYTES[kind], n_tok, (_I32, _F32, _I32, _F32), body)
+
+
+def _rows_k(kind: int, n_tok: int):
+    """Code of rows16_k (Q4_K, Q5_K, Q6_K): activations xq, xd, xs32, xs16 block-major Q8_K
+    (tiled's _block_major_q8k); ys[.. t, r] = sum over super-blocks of xd_t * (sum over
+    sub-blocks j of d_r sc_rj (u_rj . xq_tj (+ seed)) (- dmin_r m_rj s_tj)), the K tiles'
+    order (tiled.k_weights / k_sub)."""
+    n_sub = QK_K // SUB[kind]
+    groups = SUB[kind] // 4
+    order = list(range(n_sub))
+    if kind == Q6_K and n_tok <= 2:  # a ql/qh quad serves sub-blocks j, j + 2, j + 4, j + 6
+        order = [8 * h + half + 2 * m for h in range(2) for half in range(2) for m in range(4)]
+
+    def body(b, sb, rows, accs, xptrs, padded, fma):
+        qp, xdp, s32p, s16p = xptrs
+        # bytes 206-209 of Q6_K hold its d: a dword from the transposed quads would read
+        # past the super-block (past the matrix, for its last one)
+        at = lambda k: rows.dwords(k) if k == 206 else rows.dword(k)  # noqa: E731
+        vec, dsc, dmm = tiled.k_weights(b, kind, at)
+        slots = [b.add(b.mul(sb, padded), ir.Constant(_I64, t)) for t in range(n_tok)]
+        dots = {}
+        for j in order:  # the integer dots in the order that frees quads soonest
+            wv = [vec(groups * j + i) for i in range(groups)]
+            for t in range(n_tok):
+                dots[j, t] = tiled.k_dot(b, kind, wv, j, slots[t], qp, s16p)
+        part = [_ZERO_F] * n_tok
+        for j in range(n_sub):  # the floats in sub-block order, as the tiles
+            mv = dmm[j] if dmm else None
+            part = [tiled.k_fma(b, fma, dots[j, t], dsc[j], mv, j, slots[t], s32p, part[t])
+                    for t in range(n_tok)]
+        return [b.call(fma, [part[t], _splat(b, b.load(b.gep(xdp, [slots[t]]), align=4),
+                                            _V16F32), accs[t]]) for t in range(n_tok)]
+
+    return _frame(K_BLOCK_BYTES[kind], n_tok, (_I32, _F32, _F32, _I32), body)
+
+
 @intrinsic
 def rows16(typingctx, kind, n_tok, raw, off, row_bytes, n_valid, n_blocks, qxb, dxb, nsxb,
            dsxb, padded, ys, y_off, y_stride, n_store):
-    for name, lit, allowed in (("kind", kind, KINDS), ("n_tok", n_tok,
-                                                        range(1, MAX_TOKENS + 1))):
+    """Legacy kinds: activations from prepare(); Q4_K / Q5_K / Q6_K: tiled's Q8_K block-major
+    (xq, xd, xs32, xs16) in the same four places, n_blocks counting super-blocks."""
+    for name, lit, allowed in (("kind", kind, KINDS + K_KINDS),
+                               ("n_tok", n_tok, range(1, MAX_TOKENS + 1))):
         if not isinstance(lit, types.IntegerLiteral):
             raise errors.RequireLiteralValue(f"rows16: {name} must be a constant")
         if lit.literal_value not in allowed:
             raise errors.TypingError(f"rows16: no kernel for {name}={lit.literal_value}")
-    emit = _rows(kind.literal_value, n_tok.literal_value)
+    k, n = kind.literal_value, n_tok.literal_value
+    emit = _rows_k(k, n) if k in K_KINDS else _rows(k, n)
 
     def codegen(context, builder, sig, llargs):
         return emit(context, builder, types.none(*sig.args[2:]), llargs[2:])
@@ -412,3 +482,63 @@ def matvec(raw, kind, block_bytes, x, y):
         r0 = g * ROWS
         rows_one(kind, flat, r0 * rb, rb, min(ROWS, n_rows - r0), nb, qxb, dxb, nsxb, dsxb,
                  y, r0)
+
+
+@njit(cache=True, inline="always")
+def prepare_k(h, padded):
+    """h (n, n_cols) as Q8_K activations block-major for `padded` >= n tokens (tiled's layout:
+    xq, xd, xs32, xs16), in plain loops (see prepare)."""
+    n_slots = h.shape[1] // QK_K * padded
+    xq = np.empty(n_slots * QK_K, np.int8)
+    xd = np.empty(n_slots, np.float32)
+    xs32 = np.empty(n_slots * N_SUB32, np.float32)
+    xs16 = np.empty(n_slots * N_SUB16, np.int32)
+    for s in range(n_slots):
+        tiled.q8k_slot(h, padded, s, xq, xd, xs32, xs16)
+    return xq, xd, xs32, xs16
+
+
+@njit(cache=True, inline="always")
+def rows_k_one(kind, flat, off, rb, nv, nsb, xq, xd, xs32, xs16, ys, yo):
+    """rows16 for one token of Q8_K activations and a K kind known at run time."""
+    calls, step, rbc, nvc = _calls(off, rb, nv)
+    for i in range(calls):
+        o, y = off + i * step, yo + i
+        if kind == Q4_K:
+            rows16(Q4_K, 1, flat, o, rbc, nvc, nsb, xq, xd, xs32, xs16, 1, ys, y, 0, 1)
+        elif kind == Q5_K:
+            rows16(Q5_K, 1, flat, o, rbc, nvc, nsb, xq, xd, xs32, xs16, 1, ys, y, 0, 1)
+        else:
+            rows16(Q6_K, 1, flat, o, rbc, nvc, nsb, xq, xd, xs32, xs16, 1, ys, y, 0, 1)
+
+
+def _compile_k(kind: int):
+    """ys (n, n_rows) = xs W^T for n <= 8 tokens, one K kind."""
+
+    @njit(cache=True, parallel=True)
+    def matmul(raw, xs, n_pad, ys):
+        n, n_rows = ys.shape
+        rb = raw.shape[1]
+        xq, xd, xs32, xs16 = prepare_k(xs, n_pad)
+        nsb = xd.shape[0] // n_pad
+        flat, yf = raw.reshape(-1), ys.reshape(-1)
+        for g in prange((n_rows + ROWS - 1) // ROWS):
+            r0 = g * ROWS
+            rows_n(kind, n, n_pad, flat, r0 * rb, rb, min(ROWS, n_rows - r0), nsb, xq, xd,
+                   xs32, xs16, yf, r0, n_rows)
+
+    return matmul
+
+
+_K_KERNELS: dict = {}
+
+
+def matmul_k(kind: int, raw: np.ndarray, xs: np.ndarray) -> np.ndarray:
+    """ys (n, n_rows) = xs @ W.T for a Q4_K / Q5_K / Q6_K matrix and 1..8 tokens, x as Q8_K:
+    bit-equal to tiled.matmul_k on the same tokens."""
+    fn = _K_KERNELS.get(kind)
+    if fn is None:
+        fn = _K_KERNELS[kind] = _compile_k(kind)
+    ys = np.empty((xs.shape[0], raw.shape[0]), np.float32)
+    fn(raw, np.ascontiguousarray(xs, np.float32), padded_tokens(xs.shape[0]), ys)
+    return ys

@@ -339,6 +339,81 @@ def _scales_k4(b, u0, u1, u2, j):
     return sc, mn
 
 
+def k_weights(b, kind: int, at):
+    """One K super-block of 16 rows, from at(k) (the dword at byte k of each row's super-block,
+    16 lanes): (vec, dsc, dmm) with vec(i) emitting weight vector i (4 unsigned quants of
+    weights 4i..4i+3 per row lane), dsc[j] = d * sc_j and dmm[j] = dmin * m_j (None without
+    mins) as float32. The prefill tiles (gathers) and the decode lanes (transposed row loads,
+    prima_ref.quants.lanes) both unpack through here, so their integers and scales agree."""
+    c = lambda v: _const16([v] * 16)  # noqa: E731
+    if kind in (Q4_K, Q5_K):
+        head = at(0)
+        d, dmin = _half_to_f32(b, head), _half_to_f32(b, b.lshr(head, c(16)))
+        u0, u1, u2 = at(4), at(8), at(12)
+        dsc, dmm = [], []
+        for j in range(N_SUB32):
+            sc, mn = _scales_k4(b, u0, u1, u2, j)
+            dsc.append(b.fmul(d, b.sitofp(sc, _V16F32)))
+            dmm.append(b.fmul(dmin, b.sitofp(mn, _V16F32)))
+        qs, qh = (16, None) if kind == Q4_K else (48, 16)
+
+        def vec(v):  # qs[32c + l]: low nibble weight 64c + l, high 64c + 32 + l
+            j, i = divmod(v, 8)
+            u = b.and_(b.lshr(at(qs + 32 * (j // 2) + 4 * i), c(4 * (j % 2))), c(0x0F0F0F0F))
+            if qh is not None:  # 5th bit of weight 32j + l: bit j of qh[l]
+                hb = b.and_(b.lshr(at(qh + 4 * i), c(j)), c(0x01010101))
+                u = b.or_(u, b.shl(hb, c(4)))
+            return u
+
+        return vec, dsc, dmm
+    d = _half_to_f32(b, b.lshr(at(206), c(16)))  # bytes 208-209 (no read past block)
+    dsc = []
+    for j in range(N_SUB16):
+        word = at(192 + 4 * (j // 4))
+        sc = b.ashr(b.shl(word, c(24 - 8 * (j % 4))), c(24))  # int8 scale j
+        dsc.append(b.fmul(d, b.sitofp(sc, _V16F32)))
+
+    def vec(i):
+        h, r = divmod(4 * i, 128)
+        quarter, ll = divmod(r, 32)
+        low = b.and_(b.lshr(at(64 * h + 32 * (quarter % 2) + ll), c(4 * (quarter // 2))),
+                     c(0x0F0F0F0F))
+        high = b.and_(b.lshr(at(128 + 32 * h + ll), c(2 * quarter)), c(0x03030303))
+        return b.or_(low, b.shl(high, c(4)))
+
+    return vec, dsc, None
+
+
+def k_dot(b, kind, wv, j, slot, qp, s16p):
+    """The integer dot of K sub-block j of 16 rows (wv its weight vectors) with the Q8_K token
+    in block-major slot `slot` (qp its quants 4 per dword; Q6_K starts from its -32 * sum)."""
+    i64 = lambda v: ir.Constant(_I64, v)  # noqa: E731
+    groups = SUB[kind] // 4
+    if K_MINS[kind]:
+        dot = _ZERO_I
+    else:
+        seed = b.load(b.gep(s16p, [b.add(b.mul(slot, i64(N_SUB16)), i64(j))]))
+        dot = _splat(b, seed, _V16I32)
+    q0 = b.add(b.mul(slot, i64(K_VECTORS)), i64(groups * j))
+    for i in range(groups):
+        xv = b.load(b.gep(qp, [b.add(q0, i64(i))]), align=1)
+        dot = _call(b, "llvm.x86.avx512.vpdpbusd.512", _V16I32,
+                    [dot, wv[i], _splat(b, xv, _V16I32)])
+    return dot
+
+
+def k_fma(b, fma, dot, dv, mv, j, slot, s32p, part):
+    """part + sub-block j's dot (k_dot) scaled by dv = d * sc_j, then dmin * m_j (mv, or None)
+    times the token's -sum: one convert and FMA per sub-block, in sub-block order; the tiles'
+    and the decode lanes' shared arithmetic."""
+    part = b.call(fma, [b.sitofp(dot, _V16F32), dv, part])
+    if mv is not None:
+        i64 = lambda v: ir.Constant(_I64, v)  # noqa: E731
+        nsx = b.load(b.gep(s32p, [b.add(b.mul(slot, i64(N_SUB32)), i64(j))]))
+        part = b.call(fma, [mv, _splat(b, nsx, _V16F32), part])
+    return part
+
+
 def _repack_k(kind: int):
     """Code of repack_k(kind, raw, off, row_bytes, n_valid, w, wo, dsc, so, dmm, mo): the
     super-block at byte off of 16 rows as 64 vectors of 4 unsigned quants per row lane (weights
@@ -347,7 +422,6 @@ def _repack_k(kind: int):
 
     def codegen(context, builder, sig, args):
         b = builder
-        c = lambda v: _const16([v] * 16)  # noqa: E731
         rawp = _data(context, b, sig.args[0], args[0], _I8)
         wp = _data(context, b, sig.args[4], args[4], _I8)
         sp = _data(context, b, sig.args[6], args[6], _F32)
@@ -369,42 +443,13 @@ def _repack_k(kind: int):
             p = b.gep(ptr, [b.add(start, ir.Constant(_I64, i))])
             b.store(vec, b.bitcast(p, ty.as_pointer()), align=1)
 
-        store_w = lambda i, v: put(wp, wo, 64 * i, v, _V16I32)  # noqa: E731
-        store_s = lambda j, v: put(sp, so, 16 * j, v, _V16F32)  # noqa: E731
-        store_m = lambda j, v: put(mp, mo, 16 * j, v, _V16F32)  # noqa: E731
-        if kind in (Q4_K, Q5_K):
-            head = at(0)
-            d, dmin = _half_to_f32(b, head), _half_to_f32(b, b.lshr(head, c(16)))
-            u0, u1, u2 = at(4), at(8), at(12)
-            for j in range(N_SUB32):
-                sc, mn = _scales_k4(b, u0, u1, u2, j)
-                store_s(j, b.fmul(d, b.sitofp(sc, _V16F32)))
-                store_m(j, b.fmul(dmin, b.sitofp(mn, _V16F32)))
-            qs, qh = (16, None) if kind == Q4_K else (48, 16)
-            for cc in range(4):  # qs[32c + l]: low nibble weight 64c + l, high 64c + 32 + l
-                for i in range(8):
-                    g = at(qs + 32 * cc + 4 * i)
-                    for half in range(2):
-                        j = 2 * cc + half
-                        u = b.and_(b.lshr(g, c(4 * half)), c(0x0F0F0F0F))
-                        if qh is not None:  # 5th bit of weight 32j + l: bit j of qh[l]
-                            hb = b.and_(b.lshr(at(qh + 4 * i), c(j)), c(0x01010101))
-                            u = b.or_(u, b.shl(hb, c(4)))
-                        store_w(8 * j + i, u)
-            return context.get_dummy_value()
-        d = _half_to_f32(b, b.lshr(at(206), c(16)))  # bytes 208-209 (no read past block)
-        for j in range(N_SUB16):
-            word = at(192 + 4 * (j // 4))
-            sc = b.ashr(b.shl(word, c(24 - 8 * (j % 4))), c(24))  # int8 scale j
-            store_s(j, b.fmul(d, b.sitofp(sc, _V16F32)))
+        vec, dsc, dmm = k_weights(b, kind, at)
+        for j, v in enumerate(dsc):
+            put(sp, so, 16 * j, v, _V16F32)
+        for j, v in enumerate(dmm or ()):
+            put(mp, mo, 16 * j, v, _V16F32)
         for i in range(K_VECTORS):
-            n = 4 * i
-            h, r = divmod(n, 128)
-            quarter, ll = divmod(r, 32)
-            low = b.and_(b.lshr(at(64 * h + 32 * (quarter % 2) + ll), c(4 * (quarter // 2))),
-                         c(0x0F0F0F0F))
-            high = b.and_(b.lshr(at(128 + 32 * h + ll), c(2 * quarter)), c(0x03030303))
-            store_w(i, b.or_(low, b.shl(high, c(4))))
+            put(wp, wo, 64 * i, vec(i), _V16I32)
         return context.get_dummy_value()
 
     return codegen
@@ -428,21 +473,8 @@ def _tile_k(kind: int):
             dv = b.load(b.gep(sp, [b.add(b.mul(sb, i64(n_sub)), i64(j))]), align=4)
             mv = (b.load(b.gep(mp, [b.add(b.mul(sb, i64(n_sub)), i64(j))]), align=4)
                   if mins else None)
-            for t in range(TILE_TOKENS):
-                if mins:
-                    dot = _ZERO_I
-                else:
-                    seed = b.load(b.gep(s16p, [b.add(b.mul(slots[t], i64(N_SUB16)), i64(j))]))
-                    dot = _splat(b, seed, _V16I32)
-                q0 = b.add(b.mul(slots[t], i64(K_VECTORS)), i64(groups * j))
-                for i in range(groups):
-                    xv = b.load(b.gep(qp, [b.add(q0, i64(i))]), align=1)
-                    dot = _call(b, "llvm.x86.avx512.vpdpbusd.512", _V16I32,
-                                [dot, wv[i], _splat(b, xv, _V16I32)])
-                part[t] = b.call(fma, [b.sitofp(dot, _V16F32), dv, part[t]])
-                if mins:
-                    nsx = b.load(b.gep(s32p, [b.add(b.mul(slots[t], i64(N_SUB32)), i64(j))]))
-                    part[t] = b.call(fma, [mv, _splat(b, nsx, _V16F32), part[t]])
+            part = [k_fma(b, fma, k_dot(b, kind, wv, j, slots[t], qp, s16p), dv, mv, j,
+                          slots[t], s32p, part[t]) for t in range(TILE_TOKENS)]
         new = []
         for t in range(TILE_TOKENS):
             xd = _splat(b, b.load(b.gep(xdp, [slots[t]]), align=4), _V16F32)
@@ -456,35 +488,44 @@ def _tile_k(kind: int):
     return codegen
 
 
+@njit(cache=True, inline="always")
+def q8k_slot(xs, padded, s, xq, xd, xs32, xs16):
+    """Block-major slot s (super-block s // padded, token s % padded) of _block_major_q8k."""
+    n_tokens = xs.shape[0]
+    sb, t = s // padded, s % padded
+    if t >= n_tokens:
+        for k in range(QK_K):
+            xq[s * QK_K + k] = 0
+        xd[s] = 0
+        for j in range(N_SUB32):
+            xs32[s * N_SUB32 + j] = 0
+        for j in range(N_SUB16):
+            xs16[s * N_SUB16 + j] = 0
+        return
+    lo = sb * QK_K
+    iscale = q8_k_iscale(xs[t], lo, QK_K)
+    xd[s] = np.float32(1.0) / iscale if iscale != 0 else np.float32(0.0)
+    for j in range(N_SUB16):
+        total = 0
+        for k in range(16):
+            q = q8_k_quant(iscale, xs[t, lo + 16 * j + k])
+            xq[s * QK_K + 16 * j + k] = q
+            total += q
+        xs16[s * N_SUB16 + j] = -32 * total
+        if j % 2 == 0:
+            xs32[s * N_SUB32 + j // 2] = np.float32(-total)
+        else:
+            xs32[s * N_SUB32 + j // 2] -= np.float32(total)
+
+
 @njit(cache=True, parallel=True)
 def _block_major_q8k(xs, padded, xq, xd, xs32, xs16):
     """xs (n_tokens, n_cols) -> Q8_K x block-major by super-block, tokens padded with zeros:
     xq int8 (n_sb * padded * 256,) natural order, xd (n_sb * padded,), xs32 -sum per 32
     (float), xs16 -32 * sum per 16 (int32): quantize_row_q8_K_ref's integers and d."""
-    n_tokens, n_cols = xs.shape
-    n_sb = n_cols // QK_K
+    n_sb = xs.shape[1] // QK_K
     for s in prange(n_sb * padded):
-        sb, t = s // padded, s % padded
-        if t >= n_tokens:
-            xq[s * QK_K : (s + 1) * QK_K] = 0
-            xd[s] = 0
-            xs32[s * N_SUB32 : (s + 1) * N_SUB32] = 0
-            xs16[s * N_SUB16 : (s + 1) * N_SUB16] = 0
-            continue
-        lo = sb * QK_K
-        iscale = q8_k_iscale(xs[t], lo, QK_K)
-        xd[s] = np.float32(1.0) / iscale if iscale != 0 else np.float32(0.0)
-        for j in range(N_SUB16):
-            total = 0
-            for k in range(16):
-                q = q8_k_quant(iscale, xs[t, lo + 16 * j + k])
-                xq[s * QK_K + 16 * j + k] = q
-                total += q
-            xs16[s * N_SUB16 + j] = -32 * total
-            if j % 2 == 0:
-                xs32[s * N_SUB32 + j // 2] = np.float32(-total)
-            else:
-                xs32[s * N_SUB32 + j // 2] -= np.float32(total)
+        q8k_slot(xs, padded, s, xq, xd, xs32, xs16)
 
 
 @intrinsic
