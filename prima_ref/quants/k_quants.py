@@ -856,7 +856,8 @@ def _vnni_products(qtype: T):
         raw = _check_raw(raw, qtype)
         xs = _check_x(xs, raw.shape[1] // ts * QK_K, qtype, 2)
         n_tokens, n_cols = xs.shape
-        if tiled_kind is not None and n_tokens <= lanes.MAX_TOKENS and lanes.available():
+        if (tiled_kind in lanes.K_DECODE_KINDS and n_tokens <= lanes.MAX_TOKENS
+                and lanes.available()):
             return lanes.matmul_k(tiled_kind, raw, xs)  # decode: rows in lanes, 1..8 tokens
         if (tiled_kind is not None and n_tokens > TILED_MIN_TOKENS
                 and tiled.enabled()):  # prefill: register tiles (opt-in)

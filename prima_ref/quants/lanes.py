@@ -76,6 +76,10 @@ MAX_TOKENS = 8
 PREFETCH_LOCALITY = 1
 PREFETCH_GROUPS = 2
 K_BLOCK_BYTES = {Q4_K: 144, Q5_K: 176, Q6_K: 210}
+# the K kinds whose decode products (k_quants' matmul of 1..8 tokens, fused.kq_matvec) run
+# here: Q6_K's lanes kernel, bit-equal too, measured 10-50 % slower than k_quants' row dot
+# (reports/kernels.md 2026-12-03 10:10: 12.0 against 21.6 GB/s at 4096x4096, 1 thread)
+K_DECODE_KINDS = (Q4_K, Q5_K)
 _V4I32 = ir.VectorType(_I32, 4)
 _ZERO_F, _ZERO_I = ir.Constant(_V16F32, None), ir.Constant(_V16I32, None)
 # bit j of a 4-bit index -> bit 4 of byte j (Q5's 5th bits of 4 weights, as in one dword)
@@ -500,16 +504,14 @@ def prepare_k(h, padded):
 
 @njit(cache=True, inline="always")
 def rows_k_one(kind, flat, off, rb, nv, nsb, xq, xd, xs32, xs16, ys, yo):
-    """rows16 for one token of Q8_K activations and a K kind known at run time."""
+    """rows16 for one token of Q8_K activations, Q4_K or Q5_K known at run time."""
     calls, step, rbc, nvc = _calls(off, rb, nv)
     for i in range(calls):
         o, y = off + i * step, yo + i
-        if kind == Q4_K:
+        if kind == Q4_K:  # K_DECODE_KINDS
             rows16(Q4_K, 1, flat, o, rbc, nvc, nsb, xq, xd, xs32, xs16, 1, ys, y, 0, 1)
-        elif kind == Q5_K:
-            rows16(Q5_K, 1, flat, o, rbc, nvc, nsb, xq, xd, xs32, xs16, 1, ys, y, 0, 1)
         else:
-            rows16(Q6_K, 1, flat, o, rbc, nvc, nsb, xq, xd, xs32, xs16, 1, ys, y, 0, 1)
+            rows16(Q5_K, 1, flat, o, rbc, nvc, nsb, xq, xd, xs32, xs16, 1, ys, y, 0, 1)
 
 
 def _compile_k(kind: int):
