@@ -307,7 +307,7 @@ def _rows_k(kind: int, n_tok: int):
     """Code of rows16_k (Q4_K, Q5_K, Q6_K): activations xq, xd, xs32, xs16 block-major Q8_K
     (tiled's _block_major_q8k); ys[.. t, r] = sum over super-blocks of xd_t * (sum over
     sub-blocks j of d_r sc_rj (u_rj . xq_tj (+ seed)) (- dmin_r m_rj s_tj)), the K tiles'
-    order (tiled.k_weights / k_sub)."""
+    order (tiled.k_weights / k_dot / k_fma)."""
     n_sub = QK_K // SUB[kind]
     groups = SUB[kind] // 4
     order = list(range(n_sub))
