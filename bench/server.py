@@ -114,10 +114,14 @@ def run_level(base: str, n_clients: int, seconds: float, max_tokens: int) -> dic
                ttft_p50_ms=pct(ttft, 50) * 1e3, ttft_p95_ms=pct(ttft, 95) * 1e3,
                tok_p50_ms=pct(gaps, 50) * 1e3, tok_p95_ms=pct(gaps, 95) * 1e3,
                rows_per_step=rows / steps if steps else 0.0)
+    for part in ("prompt_s", "decode_s", "sample_s"):  # the scheduler's share of the window
+        res[part] = after[part] - before[part]
     res["tok_s"] = res["tokens"] / wall
     print(f"[bench] {n_clients} clients: {res['tok_s']:.1f} tok/s, {res['requests']} requests, "
           f"TTFT p50 {res['ttft_p50_ms']:.0f} ms, per token p50 {res['tok_p50_ms']:.1f} ms, "
-          f"{res['rows_per_step']:.2f} rows per decode step, {res['errors']} errors",
+          f"{res['rows_per_step']:.2f} rows per decode step, {res['errors']} errors; "
+          f"scheduler: prompt {res['prompt_s']:.1f} s, decode {res['decode_s']:.1f} s, "
+          f"sampling+text {res['sample_s']:.1f} s of {wall:.1f} s",
           file=sys.stderr)
     return res
 
@@ -202,6 +206,18 @@ def report(results: list[dict], args, load_start: list[str], load_end: tuple, co
         ok = four["tok_s"] >= 2 * one
         lines += ["", f"Target: aggregate tok/s at 4 clients >= 2x one client's: "
                       f"**{'met' if ok else 'not met'}** ({four['tok_s'] / one:.2f}x)."]
+    lines += ["", "Where the server's scheduler thread spent each level's wall time (its /health "
+              "counters): prompt forwards, decode forwards, and turning logits into text "
+              "(sampling, detokenizing, stop strings, handing chunks to the HTTP side); the "
+              "rest is waiting for work or for the GIL.", "",
+              "| clients | wall s | prompt s | decode s | decode ms per step | sampling+text s "
+              "| other s |", "|---|---|---|---|---|---|---|"]
+    for r in results:
+        steps = r["tokens"] / r["rows_per_step"] if r["rows_per_step"] else 0
+        other = r["wall_s"] - r["prompt_s"] - r["decode_s"] - r["sample_s"]
+        lines.append(f"| {r['clients']} | {r['wall_s']:.1f} | {r['prompt_s']:.1f} | "
+                     f"{r['decode_s']:.1f} | {r['decode_s'] / steps * 1e3 if steps else 0:.1f} | "
+                     f"{r['sample_s']:.1f} | {other:.1f} |")
     errs = [t for r in results for t in r["error_texts"]]
     if errs:
         lines += ["", "First errors:", *[f"- `{e}`" for e in errs]]

@@ -75,7 +75,10 @@ class Scheduler:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self.failure: str | None = None  # set when the engine cannot serve any more
-        self.stats = {"decode_steps": 0, "decode_rows": 0, "prompt_chunks": 0}
+        # counters, and seconds the loop spent in prompt forwards, decode forwards, and turning
+        # logits into tokens and text (sampling, detokenizing, stop strings, emitting)
+        self.stats = {"decode_steps": 0, "decode_rows": 0, "prompt_chunks": 0,
+                      "prompt_s": 0.0, "decode_s": 0.0, "sample_s": 0.0}
         self.step_s: dict[int, float] = {}  # wall time of a decode forward, by row count
         self.batched = bool(getattr(engine.model, "batched_decode", False))
         if self.n_slots > 1 and self.batched:
@@ -211,12 +214,19 @@ class Scheduler:
             return False
         job = min(reading, key=lambda j: j.id)
         chunk = job.prompt[job.n_fed : job.n_fed + self.engine.n_batch]
+        t0 = time.perf_counter()
         logits = self.engine.eval(chunk, slot=job.slot)
+        t1 = time.perf_counter()
         job.n_fed += len(chunk)
         self.stats["prompt_chunks"] += 1
         if job.n_fed == len(job.prompt):
             self._take(job, logits)
+        self._add_times(prompt_s=t1 - t0, sample_s=time.perf_counter() - t1)
         return True
+
+    def _add_times(self, **seconds: float) -> None:
+        for name, s in seconds.items():
+            self.stats[name] += s
 
     def _decode_step(self) -> bool:
         rows = [j for j in self.slots if j is not None and j.next_token is not None]
@@ -224,12 +234,15 @@ class Scheduler:
             return False
         groups = [[j] for j in rows] if self._split(len(rows)) else [rows]
         for group in groups:
+            t0 = time.perf_counter()
             logits = self.engine.decode([j.slot for j in group], [j.next_token for j in group])
+            t1 = time.perf_counter()
             self.stats["decode_steps"] += 1
             self.stats["decode_rows"] += len(group)
             for job, row in zip(group, logits):
                 job.next_token = None
                 self._take(job, row)
+            self._add_times(decode_s=t1 - t0, sample_s=time.perf_counter() - t1)
         return True
 
     def _speculative_job(self) -> bool:
