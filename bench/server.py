@@ -114,6 +114,7 @@ def run_level(base: str, n_clients: int, seconds: float, max_tokens: int) -> dic
                ttft_p50_ms=pct(ttft, 50) * 1e3, ttft_p95_ms=pct(ttft, 95) * 1e3,
                tok_p50_ms=pct(gaps, 50) * 1e3, tok_p95_ms=pct(gaps, 95) * 1e3,
                rows_per_step=rows / steps if steps else 0.0)
+    res["decode_steps"] = steps
     for part in ("prompt_s", "decode_s", "sample_s"):  # the scheduler's share of the window
         res[part] = after[part] - before[part]
     res["tok_s"] = res["tokens"] / wall
@@ -213,7 +214,7 @@ def report(results: list[dict], args, load_start: list[str], load_end: tuple, co
               "| clients | wall s | prompt s | decode s | decode ms per step | sampling+text s "
               "| other s |", "|---|---|---|---|---|---|---|"]
     for r in results:
-        steps = r["tokens"] / r["rows_per_step"] if r["rows_per_step"] else 0
+        steps = r["decode_steps"]
         other = r["wall_s"] - r["prompt_s"] - r["decode_s"] - r["sample_s"]
         lines.append(f"| {r['clients']} | {r['wall_s']:.1f} | {r['prompt_s']:.1f} | "
                      f"{r['decode_s']:.1f} | {r['decode_s'] / steps * 1e3 if steps else 0:.1f} | "
