@@ -13,6 +13,7 @@ CASES = [
     (17, 4, 1, 256, 0, 0, 0.0),  # prefill, gemma3 head shape
     (8, 4, 1, 256, 700, 512, 0.0),  # sliding window cuts off early keys
     (5, 8, 8, 32, 100, 0, 30.0),  # soft-capped logits, no GQA
+    (3, 4, 2, 20, 70, 0, 0.0),  # a head size that is not a multiple of 8: the scalar loops
 ]
 
 

@@ -11,7 +11,14 @@ import numba as nb
 import numpy as np
 
 from prima_ref.model.config import ROPE_NEOX
-from prima_ref.quants.simd import f16_bits
+from prima_ref.quants.simd import (
+    axpy4_f64x8,
+    f16_bits,
+    f64x8_zero,
+    fma_f32_f64x8,
+    hsum_f64x8,
+    load_f64x8,
+)
 
 ATTN_TILE = 64  # KV positions per online-softmax step
 
@@ -69,45 +76,67 @@ def attention(q, k_cache, v_cache, positions, window, scale, softcap, out, kv_ro
                window, scale, softcap, out)
 
 
+@nb.njit(cache=True, inline="always")
+def _score(q64, kc, o, d, wide):
+    """sum_i q64[i] * kc.flat[o + i] in float64; wide (d % 8 == 0): 8 lanes, lane l summing
+    i = l, l + 8, .. in order, then hsum_f64x8's fixed tree."""
+    if wide:
+        a = f64x8_zero()
+        for c in range(0, d, 8):
+            a = fma_f32_f64x8(load_f64x8(q64, c), kc, o + c, a)
+        return hsum_f64x8(a)
+    s = 0.0
+    flat = kc.reshape(-1)
+    for i in range(d):
+        s += q64[i] * np.float64(flat[o + i])
+    return s
+
+
 @nb.njit(cache=True, parallel=True)
 def _attention(q, k_cache, v_cache, positions, kv_row0, window, scale, softcap, out):
     n_tok, n_head, d = q.shape
-    group = n_head // k_cache.shape[1]
+    n_kv = k_cache.shape[1]
+    group = n_head // n_kv
+    stride = n_kv * d  # floats from one cache row to the next
+    wide = d % 8 == 0
     for job in nb.prange(n_tok * n_head):
         t, h = job // n_head, job % n_head
         kv = h // group
         pos = positions[t]
         row0 = kv_row0[t]
         first = 0 if window <= 0 else max(0, pos - window + 1)
-        # float64 accumulators: summing hundreds of terms in float32 order would lose to the
-        # pairwise sums of a BLAS-backed naive implementation
+        # float64 products and sums (8 SIMD lanes, each in order, then a fixed tree): summing
+        # hundreds of terms in float32 would lose to a BLAS-backed naive implementation
+        q64 = np.empty(d, dtype=np.float64)
+        for i in range(d):
+            q64[i] = q[t, h, i]
         acc = np.zeros(d, dtype=np.float64)
         scores = np.empty(ATTN_TILE, dtype=np.float64)
         run_max, run_sum = -np.inf, 0.0
         for start in range(first, pos + 1, ATTN_TILE):
             stop = min(start + ATTN_TILE, pos + 1)
-            # four keys' dot products at once: four independent add chains where one would
-            # wait on each add's latency; each score still sums its terms in order i = 0..d-1
+            base = ((row0 + start) * n_kv + kv) * d  # flat offset of key `start`
             j = start
-            while j + 4 <= stop:
-                r = row0 + j
-                s0, s1, s2, s3 = 0.0, 0.0, 0.0, 0.0
-                for i in range(d):
-                    qi = np.float64(q[t, h, i])
-                    s0 += qi * np.float64(k_cache[r, kv, i])
-                    s1 += qi * np.float64(k_cache[r + 1, kv, i])
-                    s2 += qi * np.float64(k_cache[r + 2, kv, i])
-                    s3 += qi * np.float64(k_cache[r + 3, kv, i])
-                scores[j - start] = s0
-                scores[j - start + 1] = s1
-                scores[j - start + 2] = s2
-                scores[j - start + 3] = s3
+            while j + 4 <= stop:  # four keys at once: four independent FMA chains
+                o = base + (j - start) * stride
+                if wide:
+                    a0, a1, a2, a3 = f64x8_zero(), f64x8_zero(), f64x8_zero(), f64x8_zero()
+                    for c in range(0, d, 8):
+                        qv = load_f64x8(q64, c)
+                        a0 = fma_f32_f64x8(qv, k_cache, o + c, a0)
+                        a1 = fma_f32_f64x8(qv, k_cache, o + stride + c, a1)
+                        a2 = fma_f32_f64x8(qv, k_cache, o + 2 * stride + c, a2)
+                        a3 = fma_f32_f64x8(qv, k_cache, o + 3 * stride + c, a3)
+                    scores[j - start] = hsum_f64x8(a0)
+                    scores[j - start + 1] = hsum_f64x8(a1)
+                    scores[j - start + 2] = hsum_f64x8(a2)
+                    scores[j - start + 3] = hsum_f64x8(a3)
+                else:
+                    for u in range(4):
+                        scores[j - start + u] = _score(q64, k_cache, o + u * stride, d, wide)
                 j += 4
             for j in range(j, stop):
-                s = 0.0
-                for i in range(d):
-                    s += np.float64(q[t, h, i]) * np.float64(k_cache[row0 + j, kv, i])
-                scores[j - start] = s
+                scores[j - start] = _score(q64, k_cache, base + (j - start) * stride, d, wide)
             tile_max = -np.inf
             for j in range(start, stop):
                 s = scores[j - start] * scale
@@ -122,26 +151,38 @@ def _attention(q, k_cache, v_cache, positions, kv_row0, window, scale, softcap, 
                 acc[i] *= correction
             j = start
             while j + 4 <= stop:  # four keys per pass over acc, added in key order
-                r = row0 + j
+                o = base + (j - start) * stride
                 p0 = np.exp(scores[j - start] - new_max)
                 p1 = np.exp(scores[j - start + 1] - new_max)
                 p2 = np.exp(scores[j - start + 2] - new_max)
                 p3 = np.exp(scores[j - start + 3] - new_max)
                 run_sum = run_sum + p0 + p1 + p2 + p3
-                for i in range(d):
-                    acc[i] = (acc[i] + p0 * np.float64(v_cache[r, kv, i])
-                              + p1 * np.float64(v_cache[r + 1, kv, i])
-                              + p2 * np.float64(v_cache[r + 2, kv, i])
-                              + p3 * np.float64(v_cache[r + 3, kv, i]))
+                _add_values(acc, (p0, p1, p2, p3), v_cache, o, stride, d, wide)
                 j += 4
             for j in range(j, stop):
                 p = np.exp(scores[j - start] - new_max)
                 run_sum += p
-                for i in range(d):
-                    acc[i] += p * np.float64(v_cache[row0 + j, kv, i])
+                _add_values(acc, (p, 0.0, 0.0, 0.0), v_cache, base + (j - start) * stride, 0,
+                            d, wide)
             run_max = new_max
         for i in range(d):
             out[t, h, i] = np.float32(acc[i] / run_sum)
+
+
+@nb.njit(cache=True, inline="always")
+def _add_values(acc, p, vc, o, stride, d, wide):
+    """acc += p[0] v[o] + p[1] v[o + stride] + ..: four value rows (flat offsets) as FMAs in
+    that order; a zero weight on a repeated row (stride 0) adds exactly nothing."""
+    if wide:
+        for c in range(0, d, 8):
+            axpy4_f64x8(acc, c, p, vc, o + c, stride)
+        return
+    flat = vc.reshape(-1)
+    for i in range(d):
+        a = acc[i]
+        for u in range(4):
+            a += p[u] * np.float64(flat[o + u * stride + i])
+        acc[i] = a
 
 
 def attention_naive(q, k_cache, v_cache, positions, window, scale, softcap, dtype=np.float32):

@@ -33,6 +33,10 @@ Stable API (other quant families build on it):
   ``F32x16``; ``dup_u8x64(u)`` (u, u), ``load_i8x64``, ``i32x16_zero``, ``dot_u8i8_i32x16``,
   ``load_f32x16(a, i)``, ``splat_f32x16``, ``mul_f32x16``, ``fma_i32x16_store(out, i, v, s)``.
 
+- float64 x 8 for attention: ``F64x8``, ``f64x8_zero``, ``load_f64x8(a, i)``,
+  ``fma_f32_f64x8(a, x, j, acc)`` (a * widened x.flat[j:j+8] + acc), ``hsum_f64x8`` (a fixed
+  tree), ``axpy4_f64x8(y, i, p, x, j, step)`` (four widened rows of x, weights p, into y).
+
 Everything except the ``dot_u8i8_*`` pair is plain LLVM IR and compiles on any CPU.
 """
 
@@ -707,3 +711,109 @@ def lane_f32x8(typingctx, v, i):
         return builder.shuffle_vector(args[0], args[0], _mask([lane] * 8))
 
     return F32x8(v, i), codegen
+
+
+# --- float64 x 8 (one zmm, two ymm without AVX-512): attention's dot products and sums ----------
+# Plain LLVM IR: every x86 target lowers it. The float32 operands are C-contiguous arrays of any
+# rank, indexed by flat element offset (a KV cache row is a run of d floats).
+
+F64x8 = Vec("f64", 8)
+_ELEM["f64"] = ir.DoubleType()
+_V8F64 = ir.VectorType(ir.DoubleType(), 8)
+
+
+def _is_f32_c(t) -> bool:
+    return isinstance(t, types.Array) and t.dtype == types.float32 and t.layout == "C"
+
+
+def _is_f64_1d(t) -> bool:
+    return isinstance(t, types.Array) and t.dtype == types.float64 and t.ndim == 1
+
+
+def _elem_ptr(context, builder, ty, arr, off, off_ty, vec_ty):
+    data = cgutils.create_struct_proxy(ty)(context, builder, value=arr).data
+    i = context.cast(builder, off, off_ty, types.int64)
+    return builder.bitcast(builder.gep(data, [i]), vec_ty.as_pointer())
+
+
+def _fma64(builder):
+    fnty = ir.FunctionType(_V8F64, [_V8F64] * 3)
+    return cgutils.get_or_insert_function(builder.module, fnty, "llvm.fma.v8f64")
+
+
+@intrinsic
+def f64x8_zero(typingctx):
+    return F64x8(), lambda context, builder, sig, args: ir.Constant(_V8F64, None)
+
+
+@intrinsic
+def load_f64x8(typingctx, a, i):
+    """a[i:i+8] of a float64 1-D array."""
+    if not (_is_f64_1d(a) and isinstance(i, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        p = _elem_ptr(context, builder, sig.args[0], args[0], args[1], sig.args[1], _V8F64)
+        return builder.load(p, align=8)
+
+    return F64x8(a, i), codegen
+
+
+@intrinsic
+def fma_f32_f64x8(typingctx, a, x, j, acc):
+    """a * float64(x.flat[j:j+8]) + acc, x a C-contiguous float32 array."""
+    if not (a == F64x8 and _is_f32_c(x) and isinstance(j, types.Integer) and acc == F64x8):
+        return None
+
+    def codegen(context, builder, sig, args):
+        p = _elem_ptr(context, builder, sig.args[1], args[1], args[2], sig.args[2], _V8F32)
+        xv = builder.fpext(builder.load(p, align=4), _V8F64)
+        return builder.call(_fma64(builder), [args[0], xv, args[3]])
+
+    return F64x8(a, x, j, acc), codegen
+
+
+@intrinsic
+def hsum_f64x8(typingctx, v):
+    """The sum of v's lanes as a fixed tree: (0+4, 1+5, 2+6, 3+7), then pairs, then the two."""
+    if v != F64x8:
+        return None
+
+    def codegen(context, builder, sig, args):
+        x = args[0]
+        for width in (4, 2, 1):
+            upper = [width + i for i in range(width)] + [0] * (8 - width)
+            hi = builder.shuffle_vector(x, x, _mask(upper))
+            x = builder.fadd(x, hi)
+        return builder.extract_element(x, ir.Constant(ir.IntType(32), 0))
+
+    return types.float64(v), codegen
+
+
+@intrinsic
+def axpy4_f64x8(typingctx, y, i, p, x, j, step):
+    """y[i:i+8] += p[0] x[j:] + p[1] x[j+step:] + p[2] x[j+2 step:] + p[3] x[j+3 step:] (each
+    the 8 floats there, widened), four FMAs in that order; y float64 1-D, p a float64 4-tuple, x
+    a C-contiguous float32 array indexed by flat offset."""
+    ints = all(isinstance(t, types.Integer) for t in (i, j, step))
+    four = isinstance(p, types.UniTuple) and p.count == 4 and p.dtype == types.float64
+    if not (_is_f64_1d(y) and _is_f32_c(x) and ints and four):
+        return None
+
+    def codegen(context, builder, sig, args):
+        yp = _elem_ptr(context, builder, sig.args[0], args[0], args[1], sig.args[1], _V8F64)
+        data = cgutils.create_struct_proxy(sig.args[3])(context, builder, value=args[3]).data
+        j0 = context.cast(builder, args[4], sig.args[4], types.int64)
+        st = context.cast(builder, args[5], sig.args[5], types.int64)
+        fma = _fma64(builder)
+        acc = builder.load(yp, align=8)
+        for k in range(4):
+            off = builder.add(j0, builder.mul(st, ir.Constant(ir.IntType(64), k)))
+            xp = builder.bitcast(builder.gep(data, [off]), _V8F32.as_pointer())
+            xv = builder.fpext(builder.load(xp, align=4), _V8F64)
+            pk = builder.extract_value(args[2], k)
+            acc = builder.call(fma, [_splat(builder, pk, _V8F64), xv, acc])
+        builder.store(acc, yp, align=8)
+        return context.get_dummy_value()
+
+    return types.none(y, i, p, x, j, step), codegen
