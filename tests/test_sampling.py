@@ -1,7 +1,9 @@
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from prima_ref.sampling import Sampler, SamplingParams
+from prima_ref.sampling import Sampler, SamplingParams, top_k_candidates
 
 
 def test_greedy_picks_argmax():
@@ -58,3 +60,18 @@ def test_bad_parameters_are_rejected():
         SamplingParams(top_p=0.0)
     with pytest.raises(ValueError):
         SamplingParams(repeat_penalty=0.0)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_top_k_candidates_equal_a_partition(data):
+    """The heap selection keeps exactly what a partition keeps: ties at the k-th value all in,
+    -inf logits (masked tokens) ranked last, float32 and float64."""
+    n = data.draw(st.integers(1, 3000))
+    k = data.draw(st.one_of(st.integers(1, n), st.integers(1, 8).map(lambda v: min(v, n))))
+    dtype = data.draw(st.sampled_from([np.float32, np.float64]))
+    values = st.one_of(st.integers(-4, 4).map(float), st.floats(-1e30, 1e30),
+                       st.just(-np.inf))  # small integers: many ties
+    z = np.array(data.draw(st.lists(values, min_size=n, max_size=n)), dtype=dtype)
+    expected = np.flatnonzero(z >= np.partition(z, n - k)[n - k])
+    np.testing.assert_array_equal(top_k_candidates(z, k), expected)

@@ -11,6 +11,7 @@ import asyncio
 import hmac
 import json
 import queue
+import threading
 import time
 from dataclasses import dataclass
 
@@ -62,6 +63,33 @@ class State:
         self.template = None
         self.status = "loading model"  # until ready; the reason /health answers 503
         self.created = int(time.time())
+        self.mailbox: Mailbox | None = None  # made on the event loop by the first request
+
+
+class Mailbox:
+    """Events from the scheduler thread to the requests' asyncio queues, with one wake-up of
+    the event loop per burst: a decode step of n rows posts n events, and each
+    call_soon_threadsafe writes to the loop's self-pipe, whose syscall hands the GIL to the
+    woken loop thread; the scheduler then waits for that thread's whole turn, once per row.
+    Here only the first event of a burst wakes the loop, which takes all that came since."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self._lock = threading.Lock()
+        self._items: list[tuple[asyncio.Queue, tuple]] = []
+
+    def post(self, events: asyncio.Queue, ev: tuple) -> None:
+        with self._lock:
+            self._items.append((events, ev))
+            first = len(self._items) == 1
+        if first:
+            self.loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:
+        with self._lock:
+            items, self._items = self._items, []
+        for events, ev in items:
+            events.put_nowait(ev)
 
 
 # -- request parsing ---------------------------------------------------------------------------
@@ -341,11 +369,12 @@ async def _complete(state: State, request: Request, body: dict, ids: list[int], 
     sampler = _sampler(state, body)
     stops = _stops(body)
     max_tokens = _max_tokens(state, body, len(ids))
-    loop = asyncio.get_running_loop()
+    if state.mailbox is None:
+        state.mailbox = Mailbox(asyncio.get_running_loop())
+    post = state.mailbox.post
     events: asyncio.Queue = asyncio.Queue()
     sched = state.scheduler
-    job = Job(sched.new_id(), ids, max_tokens, sampler, stops,
-              emit=lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
+    job = Job(sched.new_id(), ids, max_tokens, sampler, stops, emit=lambda ev: post(events, ev))
     try:
         sched.submit(job)
     except queue.Full:
