@@ -209,8 +209,10 @@ def report(results: list[dict], args, load_start: list[str], load_end: tuple, co
                       f"**{'met' if ok else 'not met'}** ({four['tok_s'] / one:.2f}x)."]
     lines += ["", "Where the server's scheduler thread spent each level's wall time (its /health "
               "counters): prompt forwards, decode forwards, and turning logits into text "
-              "(sampling, detokenizing, stop strings, handing chunks to the HTTP side); the "
-              "rest is waiting for work or for the GIL.", "",
+              "(sampling, detokenizing, stop strings, handing chunks to the HTTP side, which "
+              "includes waiting for the GIL while the event-loop thread sends them: sampling "
+              "itself costs the figure under the next table); the rest is waiting for work.",
+              "",
               "| clients | wall s | prompt s | decode s | decode ms per step | sampling+text s "
               "| other s |", "|---|---|---|---|---|---|---|"]
     for r in results:
@@ -230,7 +232,7 @@ def report(results: list[dict], args, load_start: list[str], load_end: tuple, co
                      f"{int(n) * c1 / costs[n]:.2f}x |")
     lines += ["", f"Sampling one token at the default chain: {costs['sample_full']:.2f} ms with "
               f"a full-vocabulary sort (Sampler.sample_full), {costs['sample']:.2f} ms "
-              "with the top-k partition that prima-cli and the server use (Sampler.sample, "
+              "with the top-k selection that prima-cli and the server use (group maxima, then a partition of the groups that can hold the k best) (Sampler.sample, "
               "the same draws). A step of 2 to 8 rows goes through "
               "the batched decode kernels (prima_ref/quants/batched.py; on 512-bit VNNI CPUs "
               "prima_ref/quants/lanes.py: 16 weight rows in the vector lanes, each weight "
