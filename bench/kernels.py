@@ -59,20 +59,22 @@ SCALE_FIELDS = {T.Q2_K: [80, 82], T.Q3_K: [108], T.Q4_K: [0, 2], T.Q5_K: [0, 2],
 # Why a type falls short of the read bandwidth, from its generated assembly; each family's
 # author keeps their line current.
 NOTES = [
-    "Legacy (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1) matvec on AVX512-VNNI CPUs since 2026-12-03"
+    "Legacy (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1) and Q4_K / Q5_K matvec on AVX512-VNNI CPUs"
     " (prima_ref/quants/lanes.py): 16 weight rows in the 16 lanes of a vector. Each row's 16"
-    " quant bytes are loaded whole and 16 rows x 4 dwords transposed in registers (only the f16"
-    " scales are gathered), then 8 `vpdpbusd` (512-bit) per block of 16 rows with x's 4 bytes"
-    " broadcast from memory, one convert + FMA per 16 rows, no horizontal sums; the group two"
-    " ahead is prefetched into L2, as the hardware prefetchers follow 16 strided streams"
-    " poorly. The same kernel takes 1-8 tokens (server decode batches) at little more than one"
-    " token's cost, and sums in the prefill tiles' order, so decode, batched decode and prefill"
-    " give one token the same bits. At one token it runs about as fast as the row-at-a-time"
-    " kernel it replaced (4096x4096 at 1 thread, 06:44 run: Q8_0 28.8, Q4_0 18.6 GB/s against"
-    " 30.2, 18.7 on 2026-12-02): the nibble types (and the Q5 high bits, 4 vpmulld per 16"
-    " rows) stay instruction-bound at one thread, 13-19 GB/s per core, so memory speed needs"
-    " both cores, and a second thread on this 2-core VM shares them with the rest of the"
-    " machine.",
+    " quant bytes are loaded whole and 16 rows x 4 dwords transposed in registers (in-lane"
+    " unpacks), the f16 scales by 16 plain loads, then 8 `vpdpbusd` (512-bit) per block of 16"
+    " rows with x's 4 bytes broadcast from memory, one convert + FMA per 16 rows, no horizontal"
+    " sums; the group two ahead is prefetched into L2, as the hardware prefetchers follow 16"
+    " strided streams poorly. The same kernel takes 1-8 tokens (server decode batches) and sums"
+    " in the prefill tiles' order, so decode, batched decode and prefill give one token the same"
+    " bits. At one thread the nibble types stay instruction-bound (about 20-28 GB/s per core"
+    " from cache, Q5_0/Q5_1 the lowest: their fifth bit costs a vpermd per 4-byte group), so"
+    " memory speed needs both cores, and the second thread on this 2-core VM shares them with"
+    " the rest of the machine: Q5_0 and Q5_1 reach 77-98 % of the probe from run to run.",
+    "Q6_K matvec is the row-at-a-time dot of prima_ref/quants/k_quants.py (its lanes kernel,"
+    " kept and tested, measured slower: about 80 stack spills in its loop). From cache it runs"
+    " at about 22 GB/s per core, from DRAM at 14-18 GB/s at one thread whatever the software"
+    " prefetch distance (1-16 KB tried, 2026-12-03): below the probe at two threads by 10-35 %.",
     "Matmul above 8 tokens on AVX512-VNNI CPUs (prima_ref/quants/tiled.py; PRIMA_TILED=0 turns"
     " it off; the 64-token column): legacy types and"
     " Q4_K/Q5_K/Q6_K gather 16 weight rows' quants into the 16 lanes of a vector, then run"
