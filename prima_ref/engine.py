@@ -165,12 +165,26 @@ class Engine:
         logits (len(slots), n_vocab), row i for slots[i]."""
         if len(set(slots)) != len(slots):
             raise ValueError(f"a slot appears twice in one decode step: {slots}")
+        return self.step(slots, tokens)
+
+    def step(self, slots: list[int], tokens: list[int], logit_rows=None) -> np.ndarray:
+        """One forward of rows from several slots (one pass round a ring): row i appends
+        tokens[i] to slots[i]; a slot may have several rows, which take its next positions
+        in order (a prompt piece beside other slots' decode tokens). Logits of every row, or
+        of the rows logit_rows lists."""
+        if len(slots) != len(tokens) or not slots:
+            raise ValueError(f"a step needs one slot per token, got {len(slots)} and {len(tokens)}")
         if len(slots) > self.n_batch:
             raise ValueError(f"{len(slots)} rows exceed the batch of {self.n_batch}")
-        positions = np.array([len(self.slot_tokens[s]) for s in slots], dtype=np.int64)
-        if positions.size and positions.max() >= self.n_ctx:
+        seen: dict[int, int] = {}
+        positions = np.empty(len(slots), dtype=np.int64)
+        for i, s in enumerate(slots):
+            positions[i] = len(self.slot_tokens[s]) + seen.get(s, 0)
+            seen[s] = seen.get(s, 0) + 1
+        if positions.max() >= self.n_ctx:
             raise ContextFullError(f"a slot's context of {self.n_ctx} is full")
-        logits = self._forward_rows(tokens, positions, np.asarray(slots, dtype=np.int64))
+        logits = self._forward_rows(tokens, positions, np.asarray(slots, dtype=np.int64),
+                                    logit_rows=logit_rows)
         for s, tok in zip(slots, tokens):
             self.slot_tokens[s].append(int(tok))
         return logits

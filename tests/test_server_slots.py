@@ -97,3 +97,28 @@ def test_top_k_partition_draws_the_tokens_of_the_full_vocabulary_draw(params):
         if step % 3 == 0:  # exact ties around the k-th value
             logits = np.round(logits, 1)
         assert fast.sample(logits) == full.sample_full(logits), step
+
+
+def test_a_prompt_piece_beside_decode_rows_gives_the_prefill_bits(engines, smollm2_path):
+    """What the server's mixed steps do (Scheduler._mixed_step): slot 2's prompt goes in as
+    pieces beside slot 1's decode tokens, one forward each. Where the decode rows run in lanes
+    (bit-equal to the prefill tiles) the prompt's last logits equal a whole-prompt prefill and
+    each decode row equals that slot stepped alone."""
+    from prima_ref.quants import lanes, tiled
+
+    if not (lanes.available() and tiled.enabled()):
+        pytest.skip("prompt pieces equal the prefill tiles only where lanes.py runs (AVX512-VNNI)")
+    multi, single = engines
+    prefill = Engine(smollm2_path, n_ctx=64, n_batch=64)  # B in one tiled prefill
+    ref_b = prefill.eval(B)
+    for s in (1, 2):
+        multi.kv_remove(0, s)
+    multi.eval(A, slot=1)
+    first = multi.step([1] + [2] * 5, [5] + B[:5], logit_rows=[0])
+    second = multi.step([1] + [2] * 4, [6] + B[5:], logit_rows=[0, 4])
+    single.kv_remove(0)
+    single.eval(A)
+    assert np.array_equal(first[0], single.eval([5]))
+    assert np.array_equal(second[0], single.eval([6]))
+    assert np.array_equal(second[1], ref_b)
+    assert multi.slot_tokens[2] == B and multi.slot_tokens[1] == A + [5, 6]

@@ -101,6 +101,13 @@ def _products(weights: tuple[Weight, ...], h: np.ndarray) -> list[np.ndarray]:
     return [w(h) for w in weights]
 
 
+def select_logit_rows(x: np.ndarray, last_only: bool, rows) -> np.ndarray:
+    """The hidden rows whose logits a forward returns: the last, those listed, or all."""
+    if last_only:
+        return x[-1:]
+    return x if rows is None else x[np.asarray(rows, dtype=np.int64)]
+
+
 def _readonly(rows: np.ndarray) -> np.ndarray:
     """The same bytes as a read-only view: the fused kernels take tuples of matrices, which
     Numba types as one array type only when their flags agree."""
@@ -486,8 +493,10 @@ class Transformer:
         x = self.forward_layers(self.embed(tokens), positions, 0, self.cfg.n_layer)
         return self.logits(x if all_logits else x[-1:])
 
-    def forward_rows(self, tokens, positions, slots, last_only: bool = False) -> np.ndarray:
+    def forward_rows(self, tokens, positions, slots, last_only: bool = False,
+                     logit_rows=None) -> np.ndarray:
         """One step for tokens of several sequences at once (row t: slots[t] at positions[t]);
-        logits (n_tokens, n_vocab) of every row, or (1, n_vocab) of the last."""
+        logits (n_tokens, n_vocab) of every row, (1, n_vocab) of the last, or those of the
+        rows logit_rows lists."""
         x = self.forward_layers(self.embed(tokens), positions, 0, self.cfg.n_layer, slots)
-        return self.logits(x[-1:] if last_only else x)
+        return self.logits(select_logit_rows(x, last_only, logit_rows))

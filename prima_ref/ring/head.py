@@ -17,7 +17,7 @@ from contextlib import nullcontext
 import numpy as np
 import zmq
 
-from prima_ref.model.transformer import row_by_row
+from prima_ref.model.transformer import row_by_row, select_logit_rows
 from prima_ref.ring import protocol as P
 from prima_ref.ring.control import HeadControl, log
 from prima_ref.ring.memory import WindowPager
@@ -112,9 +112,10 @@ class Head:
         return self.forward_rows(tokens, positions, None, last_only=not all_logits, rows=rows)
 
     def forward_rows(self, tokens, positions, slots=None, last_only: bool = False,
-                     rows: bool = False) -> np.ndarray:
+                     rows: bool = False, logit_rows=None) -> np.ndarray:
         """One pass round the ring for rows of several sequences (row t: slots[t] at
-        positions[t]; slots None: all slot 0); logits of every row, or of the last one."""
+        positions[t]; slots None: all slot 0); logits of every row, of the last one, or of
+        the rows logit_rows lists."""
         tokens = np.asarray(tokens, dtype=np.int64)
         positions = np.asarray(positions, dtype=np.int32)
         if tokens.size > self.n_batch:
@@ -123,9 +124,10 @@ class Head:
         self.step += 1
         kind = P.DATA_ROWS if rows else P.DATA
         with row_by_row() if rows else nullcontext():
-            return self._rounds(kind, positions, x, slots, last_only)
+            return self._rounds(kind, positions, x, slots, last_only, logit_rows)
 
-    def _rounds(self, kind: int, positions: np.ndarray, x: np.ndarray, slots, last_only: bool):
+    def _rounds(self, kind: int, positions: np.ndarray, x: np.ndarray, slots, last_only: bool,
+                logit_rows=None):
         for r in range(self.k):
             self._send(P.data_frames(self._header(kind, r * self.M), positions, x, slots))
             msg = self._receive(kind, (r + 1) * self.M - 1)
@@ -137,7 +139,7 @@ class Head:
             if window:
                 x = self.model.forward_layers(x, positions, window[0], window[-1] + 1, slots)
                 self.pager.after_compute(r)
-        return self.model.logits(x[-1:] if last_only else x)
+        return self.model.logits(select_logit_rows(x, last_only, logit_rows))
 
     def kv_remove(self, p0: int = 0, p1: int | None = None, slot: int = 0) -> None:
         """Forget cached positions [p0, p1) of a slot on every rank; returns once the ring has

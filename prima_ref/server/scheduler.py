@@ -25,11 +25,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from prima_ref.quants import batched
+from prima_ref.quants import batched, lanes, tiled
 from prima_ref.sampling import Sampler
 from prima_ref.tokenizer import StreamDecoder
 
 IDLE_WAIT_S = 0.05
+# a prompt rides in decode steps only when it is done within this many: a longer one (or one
+# beside nearly MAX_ROWS decode rows) takes a prompt forward of its own, which the prefill
+# tiles run faster than many steps of a few rows (8 streaming clients: 1 free row a step made
+# the time to first token 5-7x longer)
+MIX_MAX_STEPS = 3
 CALIBRATION_REPEATS = 3
 
 
@@ -78,9 +83,15 @@ class Scheduler:
         # counters, and seconds the loop spent in prompt forwards, decode forwards, and turning
         # logits into tokens and text (sampling, detokenizing, stop strings, emitting)
         self.stats = {"decode_steps": 0, "decode_rows": 0, "prompt_chunks": 0,
-                      "prompt_s": 0.0, "decode_s": 0.0, "sample_s": 0.0}
+                      "prompt_rows_mixed": 0, "prompt_s": 0.0, "decode_s": 0.0, "sample_s": 0.0}
         self.step_s: dict[int, float] = {}  # wall time of a decode forward, by row count
         self.batched = bool(getattr(engine.model, "batched_decode", False))
+        # a prompt's next tokens ride in the free rows of a decode step where those rows give
+        # the bits of the prefill tiles (rows in lanes: quants/lanes.py equals quants/tiled.py),
+        # on one device (a ring's other ranks may run other kernels)
+        self.mix_prompts = (self.batched and engine.ring is None and spec is None
+                            and lanes.available() and tiled.enabled())
+        self._fed_prompt = False  # whether this turn's decode step took a prompt piece
         if self.n_slots > 1 and self.batched:
             log(f"decode steps: all active slots in one batched forward (up to "
                 f"{batched.MAX_ROWS} rows, each bit-equal to a one-row step)")
@@ -137,8 +148,14 @@ class Scheduler:
                     worked = self._speculative_job()
                 else:
                     self._admit()
-                    worked = self._prompt_step()
-                    worked = self._decode_step() or worked
+                    if self.mix_prompts:  # a prompt piece rides in a decode step where it can
+                        self._fed_prompt = False
+                        worked = self._decode_step()
+                        if not self._fed_prompt:
+                            worked = self._prompt_step() or worked
+                    else:
+                        worked = self._prompt_step()
+                        worked = self._decode_step() or worked
                 if not worked:
                     self._wake.wait(IDLE_WAIT_S)
                     self._wake.clear()
@@ -206,13 +223,17 @@ class Scheduler:
                 best, best_n = s, n
         return best
 
-    def _prompt_step(self) -> bool:
-        """One chunk of one request's prompt; the request whose prompt came first goes first."""
+    def _reading(self) -> Job | None:
+        """The request still reading its prompt whose prompt came first."""
         reading = [j for j in self.slots if j is not None and j.next_token is None and not j.out
                    and j.n_fed < len(j.prompt)]
-        if not reading:
+        return min(reading, key=lambda j: j.id) if reading else None
+
+    def _prompt_step(self) -> bool:
+        """One chunk of one request's prompt; the request whose prompt came first goes first."""
+        job = self._reading()
+        if job is None:
             return False
-        job = min(reading, key=lambda j: j.id)
         chunk = job.prompt[job.n_fed : job.n_fed + self.engine.n_batch]
         t0 = time.perf_counter()
         logits = self.engine.eval(chunk, slot=job.slot)
@@ -232,6 +253,11 @@ class Scheduler:
         rows = [j for j in self.slots if j is not None and j.next_token is not None]
         if not rows:
             return False
+        reader = self._reading() if self.mix_prompts else None
+        room = batched.MAX_ROWS - len(rows)
+        if reader is not None and room > 0 and \
+                -(-(len(reader.prompt) - reader.n_fed) // room) <= MIX_MAX_STEPS:
+            return self._mixed_step(rows, reader)
         groups = [[j] for j in rows] if self._split(len(rows)) else [rows]
         for group in groups:
             t0 = time.perf_counter()
@@ -243,6 +269,31 @@ class Scheduler:
                 job.next_token = None
                 self._take(job, row)
             self._add_times(decode_s=t1 - t0, sample_s=time.perf_counter() - t1)
+        return True
+
+    def _mixed_step(self, rows: list[Job], reader: Job) -> bool:
+        """One forward of every generating request's next token plus as many of the reading
+        request's prompt tokens as the batched kernels have rows left: the prompt goes in
+        beside the decode rows instead of stopping them for a prompt forward of its own."""
+        piece = reader.prompt[reader.n_fed : reader.n_fed + batched.MAX_ROWS - len(rows)]
+        done = reader.n_fed + len(piece) == len(reader.prompt)
+        slots = [j.slot for j in rows] + [reader.slot] * len(piece)
+        tokens = [j.next_token for j in rows] + piece
+        want = list(range(len(rows))) + ([len(slots) - 1] if done else [])
+        t0 = time.perf_counter()
+        logits = self.engine.step(slots, tokens, logit_rows=want)
+        t1 = time.perf_counter()
+        self.stats["decode_steps"] += 1
+        self.stats["decode_rows"] += len(rows)
+        self.stats["prompt_rows_mixed"] += len(piece)
+        reader.n_fed += len(piece)
+        self._fed_prompt = True
+        for job, row in zip(rows, logits[: len(rows)], strict=True):
+            job.next_token = None
+            self._take(job, row)
+        if done:
+            self._take(reader, logits[len(rows)])
+        self._add_times(decode_s=t1 - t0, sample_s=time.perf_counter() - t1)
         return True
 
     def _speculative_job(self) -> bool:
