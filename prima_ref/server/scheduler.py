@@ -3,7 +3,9 @@
 Requests wait in a queue until a slot is free. Each turn of the loop evaluates one prompt
 chunk (at most n_batch tokens) of one request that is still reading its prompt, then one
 decode step for every request that is generating: their next tokens go through the model as
-one batch (one forward, one pass round a ring). Where the model's matrices have batched decode
+one batch (one forward, one pass round a ring). On one device whose decode rows give the
+prefill tiles' bits (Scheduler.mix_prompts) a short prompt instead rides in the decode steps'
+free rows, a piece a step (Scheduler._mixed_step), so the others do not wait for it. Where the model's matrices have batched decode
 kernels (prima_ref.quants.batched: legacy quants, up to 8 rows) each row of that batch is
 bit-equal to a one-row step, so a request's greedy answer does not depend on its neighbours;
 for other types the server times 1..N-row forwards at startup and steps rows one by one where
