@@ -72,9 +72,10 @@ NOTES = [
     " memory speed needs both cores, and the second thread on this 2-core VM shares them with"
     " the rest of the machine: Q5_0 and Q5_1 reach 77-98 % of the probe from run to run.",
     "Q6_K matvec is the row-at-a-time dot of prima_ref/quants/k_quants.py (its lanes kernel,"
-    " kept and tested, measured slower: about 80 stack spills in its loop). From cache it runs"
-    " at about 22 GB/s per core, from DRAM at 14-18 GB/s at one thread whatever the software"
-    " prefetch distance (1-16 KB tried, 2026-12-03): below the probe at two threads by 10-35 %.",
+    " kept and tested, measured slower: about 80 stack spills in its loop), about 22 GB/s per"
+    " core from cache; since 2026-12-03 14:10 its software prefetch (8 KB ahead) goes into L2,"
+    " not L1: into L1 it read only 13-15 GB/s a core from DRAM (44-73 % of the probe at two"
+    " threads). Q2_K and Q3_K are instruction-bound (12-16 GB/s a core).",
     "Matmul above 8 tokens on AVX512-VNNI CPUs (prima_ref/quants/tiled.py; PRIMA_TILED=0 turns"
     " it off; the 64-token column): legacy types and"
     " Q4_K/Q5_K/Q6_K gather 16 weight rows' quants into the 16 lanes of a vector, then run"
