@@ -72,7 +72,7 @@ NOTES = [
     " memory speed needs both cores, and the second thread on this 2-core VM shares them with"
     " the rest of the machine: Q5_0 and Q5_1 reach 77-98 % of the probe from run to run.",
     "Q6_K matvec is the row-at-a-time dot of prima_ref/quants/k_quants.py (its lanes kernel,"
-    " kept and tested, measured slower: about 80 stack spills in its loop), about 22 GB/s per"
+    " measured slower, about 80 stack spills in its loop, was taken out), about 22 GB/s per"
     " core from cache; since 2026-12-03 14:10 its software prefetch (8 KB ahead) goes into L2,"
     " not L1: into L1 it read only 13-15 GB/s a core from DRAM (44-73 % of the probe at two"
     " threads). Q2_K and Q3_K are instruction-bound (12-16 GB/s a core).",

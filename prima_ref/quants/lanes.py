@@ -43,7 +43,6 @@ from prima_ref.quants.tiled import (
     GROUPS,
     HAS_MIN,
     HAS_QH,
-    K_KINDS,
     K_SHIFT,
     KINDS,
     N_SUB16,
@@ -54,7 +53,6 @@ from prima_ref.quants.tiled import (
     Q5_0,
     Q5_1,
     Q5_K,
-    Q6_K,
     Q8_0,
     QK_K,
     QS_OFF,
@@ -75,11 +73,12 @@ MAX_TOKENS = 8
 # threads: into L1 (prefetcht0) up to 2x slower on wide rows, 1 or 4 groups no better
 PREFETCH_LOCALITY = 1
 PREFETCH_GROUPS = 2
-K_BLOCK_BYTES = {Q4_K: 144, Q5_K: 176, Q6_K: 210}
 # the K kinds whose decode products (k_quants' matmul of 1..8 tokens, fused.kq_matvec) run
-# here: Q6_K's lanes kernel, bit-equal too, measured 10-50 % slower than k_quants' row dot
-# (reports/kernels.md 2026-12-03 10:10: 12.0 against 21.6 GB/s at 4096x4096, 1 thread)
+# here. Q6_K stays on k_quants' row dot: its lanes kernel, bit-equal too, measured 10-50 %
+# slower (reports/kernels.md 2026-12-03 10:10: 12.0 against 21.6 GB/s at 4096x4096, 1
+# thread; about 80 stack spills in its loop) and was taken out
 K_DECODE_KINDS = (Q4_K, Q5_K)
+K_BLOCK_BYTES = {Q4_K: 144, Q5_K: 176}
 _V4I32 = ir.VectorType(_I32, 4)
 _ZERO_F, _ZERO_I = ir.Constant(_V16F32, None), ir.Constant(_V16I32, None)
 # bit j of a 4-bit index -> bit 4 of byte j (Q5's 5th bits of 4 weights, as in one dword)
@@ -304,25 +303,19 @@ def _rows(kind: int, n_tok: int):
 
 
 def _rows_k(kind: int, n_tok: int):
-    """Code of rows16_k (Q4_K, Q5_K, Q6_K): activations xq, xd, xs32, xs16 block-major Q8_K
+    """Code of rows16_k (Q4_K, Q5_K): activations xq, xd, xs32, xs16 block-major Q8_K
     (tiled's _block_major_q8k); ys[.. t, r] = sum over super-blocks of xd_t * (sum over
     sub-blocks j of d_r sc_rj (u_rj . xq_tj (+ seed)) (- dmin_r m_rj s_tj)), the K tiles'
     order (tiled.k_weights / k_dot / k_fma)."""
     n_sub = QK_K // SUB[kind]
     groups = SUB[kind] // 4
-    order = list(range(n_sub))
-    if kind == Q6_K and n_tok <= 2:  # a ql/qh quad serves sub-blocks j, j + 2, j + 4, j + 6
-        order = [8 * h + half + 2 * m for h in range(2) for half in range(2) for m in range(4)]
 
     def body(b, sb, rows, accs, xptrs, padded, fma):
         qp, xdp, s32p, s16p = xptrs
-        # bytes 206-209 of Q6_K hold its d: a dword from the transposed quads would read
-        # past the super-block (past the matrix, for its last one)
-        at = lambda k: rows.dwords(k) if k == 206 else rows.dword(k)  # noqa: E731
-        vec, dsc, dmm = tiled.k_weights(b, kind, at)
+        vec, dsc, dmm = tiled.k_weights(b, kind, rows.dword)
         slots = [b.add(b.mul(sb, padded), ir.Constant(_I64, t)) for t in range(n_tok)]
         dots = {}
-        for j in order:  # the integer dots in the order that frees quads soonest
+        for j in range(n_sub):
             wv = [vec(groups * j + i) for i in range(groups)]
             for t in range(n_tok):
                 dots[j, t] = tiled.k_dot(b, kind, wv, j, slots[t], qp, s16p)
@@ -340,16 +333,16 @@ def _rows_k(kind: int, n_tok: int):
 @intrinsic
 def rows16(typingctx, kind, n_tok, raw, off, row_bytes, n_valid, n_blocks, qxb, dxb, nsxb,
            dsxb, padded, ys, y_off, y_stride, n_store):
-    """Legacy kinds: activations from prepare(); Q4_K / Q5_K / Q6_K: tiled's Q8_K block-major
+    """Legacy kinds: activations from prepare(); Q4_K / Q5_K: tiled's Q8_K block-major
     (xq, xd, xs32, xs16) in the same four places, n_blocks counting super-blocks."""
-    for name, lit, allowed in (("kind", kind, KINDS + K_KINDS),
+    for name, lit, allowed in (("kind", kind, KINDS + K_DECODE_KINDS),
                                ("n_tok", n_tok, range(1, MAX_TOKENS + 1))):
         if not isinstance(lit, types.IntegerLiteral):
             raise errors.RequireLiteralValue(f"rows16: {name} must be a constant")
         if lit.literal_value not in allowed:
             raise errors.TypingError(f"rows16: no kernel for {name}={lit.literal_value}")
     k, n = kind.literal_value, n_tok.literal_value
-    emit = _rows_k(k, n) if k in K_KINDS else _rows(k, n)
+    emit = _rows_k(k, n) if k in K_DECODE_KINDS else _rows(k, n)
 
     def codegen(context, builder, sig, llargs):
         return emit(context, builder, types.none(*sig.args[2:]), llargs[2:])
@@ -536,7 +529,7 @@ _K_KERNELS: dict = {}
 
 
 def matmul_k(kind: int, raw: np.ndarray, xs: np.ndarray) -> np.ndarray:
-    """ys (n, n_rows) = xs @ W.T for a Q4_K / Q5_K / Q6_K matrix and 1..8 tokens, x as Q8_K:
+    """ys (n, n_rows) = xs @ W.T for a Q4_K / Q5_K matrix and 1..8 tokens, x as Q8_K:
     bit-equal to tiled.matmul_k on the same tokens."""
     fn = _K_KERNELS.get(kind)
     if fn is None:
