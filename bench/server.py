@@ -239,7 +239,7 @@ def report(results: list[dict], args, load_start: list[str], load_end: tuple, co
               "(sampling, detokenizing, stop strings, handing chunks to the HTTP side, which "
               "includes waiting for the GIL while the event-loop thread sends them: sampling "
               "itself costs the figure under the next table); the rest is waiting for work. "
-              "A short prompt that rode in a decode step's free rows (Scheduler._mixed_step) "
+              "A short prompt that rode in a decode step's free rows (Scheduler._step) "
               "counts as decode time, and its tokens are not in 'rows per decode step'.",
               "",
               "| clients | wall s | prompt s | decode s | decode ms per step | sampling+text s "

@@ -178,9 +178,10 @@ class Engine:
             raise ValueError(f"{len(slots)} rows exceed the batch of {self.n_batch}")
         seen: dict[int, int] = {}
         positions = np.empty(len(slots), dtype=np.int64)
-        for i, s in enumerate(slots):
-            positions[i] = len(self.slot_tokens[s]) + seen.get(s, 0)
-            seen[s] = seen.get(s, 0) + 1
+        for i, s in enumerate(slots):  # a slot's rows take its next positions in order
+            earlier = seen.get(s, 0)
+            positions[i] = len(self.slot_tokens[s]) + earlier
+            seen[s] = earlier + 1
         if positions.max() >= self.n_ctx:
             raise ContextFullError(f"a slot's context of {self.n_ctx} is full")
         logits = self._forward_rows(tokens, positions, np.asarray(slots, dtype=np.int64),

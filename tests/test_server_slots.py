@@ -100,7 +100,7 @@ def test_top_k_partition_draws_the_tokens_of_the_full_vocabulary_draw(params):
 
 
 def test_a_prompt_piece_beside_decode_rows_gives_the_prefill_bits(engines, smollm2_path):
-    """What the server's mixed steps do (Scheduler._mixed_step): slot 2's prompt goes in as
+    """What the server's mixed steps do (Scheduler._step): slot 2's prompt goes in as
     pieces beside slot 1's decode tokens, one forward each. Where the decode rows run in lanes
     (bit-equal to the prefill tiles) the prompt's last logits equal a whole-prompt prefill and
     each decode row equals that slot stepped alone."""

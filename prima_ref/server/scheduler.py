@@ -5,12 +5,12 @@ chunk (at most n_batch tokens) of one request that is still reading its prompt, 
 decode step for every request that is generating: their next tokens go through the model as
 one batch (one forward, one pass round a ring). On one device whose decode rows give the
 prefill tiles' bits (Scheduler.mix_prompts) a short prompt instead rides in the decode steps'
-free rows, a piece a step (Scheduler._mixed_step), so the others do not wait for it. Where the model's matrices have batched decode
-kernels (prima_ref.quants.batched: legacy quants, up to 8 rows) each row of that batch is
-bit-equal to a one-row step, so a request's greedy answer does not depend on its neighbours;
-for other types the server times 1..N-row forwards at startup and steps rows one by one where
-that measured cheaper (see Scheduler._split). A request whose client went away is dropped
-at the next turn and its slot is free again.
+free rows, a piece a step (Scheduler._step), so the others do not wait for it. Where the
+model's matrices have batched decode kernels (prima_ref.quants.batched: legacy quants, up to
+8 rows) each row of that batch is bit-equal to a one-row step, so a request's greedy answer
+does not depend on its neighbours; for other types the server times 1..N-row forwards at
+startup and steps rows one by one where that measured cheaper (see Scheduler._split). A
+request whose client went away is dropped at the next turn and its slot is free again.
 
 Events go back to the HTTP side through `Job.emit` (thread-safe): ("text", str) pieces, then
 exactly one ("done", finish_reason) or ("error", status, message).
@@ -93,7 +93,6 @@ class Scheduler:
         # on one device (a ring's other ranks may run other kernels)
         self.mix_prompts = (self.batched and engine.ring is None and spec is None
                             and lanes.available() and tiled.enabled())
-        self._fed_prompt = False  # whether this turn's decode step took a prompt piece
         if self.n_slots > 1 and self.batched:
             log(f"decode steps: all active slots in one batched forward (up to "
                 f"{batched.MAX_ROWS} rows, each bit-equal to a one-row step)")
@@ -151,13 +150,12 @@ class Scheduler:
                 else:
                     self._admit()
                     if self.mix_prompts:  # a prompt piece rides in a decode step where it can
-                        self._fed_prompt = False
-                        worked = self._decode_step()
-                        if not self._fed_prompt:
+                        worked, fed = self._decode_step()
+                        if not fed:
                             worked = self._prompt_step() or worked
                     else:
                         worked = self._prompt_step()
-                        worked = self._decode_step() or worked
+                        worked = self._decode_step()[0] or worked
                 if not worked:
                     self._wake.wait(IDLE_WAIT_S)
                     self._wake.clear()
@@ -251,52 +249,49 @@ class Scheduler:
         for name, s in seconds.items():
             self.stats[name] += s
 
-    def _decode_step(self) -> bool:
+    def _decode_step(self) -> tuple[bool, bool]:
+        """A decode step for every generating request (with mix_prompts, plus a piece of the
+        reading request's prompt where it is done within MIX_MAX_STEPS): (stepped, fed a
+        prompt piece)."""
         rows = [j for j in self.slots if j is not None and j.next_token is not None]
         if not rows:
-            return False
+            return False, False
         reader = self._reading() if self.mix_prompts else None
         room = batched.MAX_ROWS - len(rows)
         if reader is not None and room > 0 and \
                 -(-(len(reader.prompt) - reader.n_fed) // room) <= MIX_MAX_STEPS:
-            return self._mixed_step(rows, reader)
-        groups = [[j] for j in rows] if self._split(len(rows)) else [rows]
-        for group in groups:
-            t0 = time.perf_counter()
-            logits = self.engine.decode([j.slot for j in group], [j.next_token for j in group])
-            t1 = time.perf_counter()
-            self.stats["decode_steps"] += 1
-            self.stats["decode_rows"] += len(group)
-            for job, row in zip(group, logits):
-                job.next_token = None
-                self._take(job, row)
-            self._add_times(decode_s=t1 - t0, sample_s=time.perf_counter() - t1)
-        return True
+            self._step(rows, reader)
+            return True, True
+        for group in [[j] for j in rows] if self._split(len(rows)) else [rows]:
+            self._step(group)
+        return True, False
 
-    def _mixed_step(self, rows: list[Job], reader: Job) -> bool:
-        """One forward of every generating request's next token plus as many of the reading
-        request's prompt tokens as the batched kernels have rows left: the prompt goes in
-        beside the decode rows instead of stopping them for a prompt forward of its own."""
-        piece = reader.prompt[reader.n_fed : reader.n_fed + batched.MAX_ROWS - len(rows)]
-        done = reader.n_fed + len(piece) == len(reader.prompt)
-        slots = [j.slot for j in rows] + [reader.slot] * len(piece)
+    def _step(self, rows: list[Job], reader: Job | None = None) -> None:
+        """One forward of the rows' next tokens and, with a reader, as many of its prompt
+        tokens as the batched kernels have rows left: the prompt goes in beside the decode
+        rows instead of stopping them for a prompt forward of its own."""
+        piece = [] if reader is None else \
+            reader.prompt[reader.n_fed : reader.n_fed + batched.MAX_ROWS - len(rows)]
+        done = reader is not None and reader.n_fed + len(piece) == len(reader.prompt)
+        slots = [j.slot for j in rows] + ([reader.slot] * len(piece) if piece else [])
         tokens = [j.next_token for j in rows] + piece
-        want = list(range(len(rows))) + ([len(slots) - 1] if done else [])
+        want = None  # logits of every row, or of the decode rows and a finished prompt's last
+        if reader is not None:
+            want = list(range(len(rows))) + ([len(slots) - 1] if done else [])
         t0 = time.perf_counter()
         logits = self.engine.step(slots, tokens, logit_rows=want)
         t1 = time.perf_counter()
         self.stats["decode_steps"] += 1
         self.stats["decode_rows"] += len(rows)
         self.stats["prompt_rows_mixed"] += len(piece)
-        reader.n_fed += len(piece)
-        self._fed_prompt = True
+        if reader is not None:
+            reader.n_fed += len(piece)
         for job, row in zip(rows, logits[: len(rows)], strict=True):
             job.next_token = None
             self._take(job, row)
         if done:
             self._take(reader, logits[len(rows)])
         self._add_times(decode_s=t1 - t0, sample_s=time.perf_counter() - t1)
-        return True
 
     def _speculative_job(self) -> bool:
         """With a draft model: the next request runs whole through SpeculativeDecoder.generate
