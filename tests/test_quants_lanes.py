@@ -165,3 +165,42 @@ def test_a_second_process_finds_the_lanes_kernels_in_numbas_cache(tmp_path):
         assert run.returncode == 0, run.stderr[-3000:]
     assert runs[0].stdout.split() == ["0", "1", "0", "1"]  # compiled, stored
     assert runs[1].stdout.split() == ["1", "0", "1", "0"]  # found, not compiled
+
+
+VBMI_CHILD = textwrap.dedent("""
+    import hashlib, sys
+    sys.path.insert(0, sys.argv[1])
+    import numpy as np
+    from gguf.constants import GGMLQuantizationType as T
+    from test_quants import realistic_rows
+    from prima_ref.quants import kernels, tiled
+    print(int(tiled.VBMI))
+    for qtype in (T.Q5_0, T.Q5_1):
+        raw = realistic_rows(qtype, np.random.default_rng(int(qtype)), 21, 256)
+        xs = np.random.default_rng(1).standard_normal((9, 256)).astype(np.float32)
+        k = kernels(qtype)
+        for ys in (k.matmul(raw, xs), k.matvec(raw, xs[0])):  # tiled repack, lanes decode
+            print(hashlib.sha1(np.ascontiguousarray(ys).tobytes()).hexdigest())
+""")
+
+
+@needs_lanes
+@pytest.mark.skipif(not tiled.VBMI, reason="CPU lacks AVX512-VBMI: only the vpermd path here")
+def test_q5_fifth_bits_by_vpermd_give_the_vpmultishiftqb_bits(tmp_path):
+    """PRIMA_VBMI=0 (what a CPU without AVX512-VBMI gets) places Q5's 5th bits with a shift
+    and a vpermd table instead of vpmultishiftqb: prefill and decode keep every bit."""
+    import hashlib
+
+    tests = str(Path(__file__).parent)
+    env = {**os.environ, "PRIMA_VBMI": "0", "NUMBA_CACHE_DIR": str(tmp_path)}
+    run = subprocess.run([sys.executable, "-c", VBMI_CHILD, tests], env=env, text=True,
+                         capture_output=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    want = ["0"]
+    for qtype in (T.Q5_0, T.Q5_1):
+        raw = realistic_rows(qtype, np.random.default_rng(int(qtype)), 21, 256)
+        xs = np.random.default_rng(1).standard_normal((9, 256)).astype(np.float32)
+        k = kernels(qtype)
+        want += [hashlib.sha1(np.ascontiguousarray(ys).tobytes()).hexdigest()
+                 for ys in (k.matmul(raw, xs), k.matvec(raw, xs[0]))]
+    assert run.stdout.split() == want

@@ -63,6 +63,15 @@ def _const16(values):
     return ir.Constant(_V16I32, [int(v) for v in values])
 
 
+# vpmultishiftqb for Q5's 5th bits (fifth_bits); PRIMA_VBMI=0 takes the vpermd table instead
+VBMI = bool(cpu_features().get("avx512vbmi")) and os.environ.get("PRIMA_VBMI") != "0"
+_MULTISHIFT = [ir.Constant(ir.VectorType(_I8, 64),
+                           [(4 * i + p % 4 - 4 + 32 * (p // 4 % 2)) % 64 for p in range(64)])
+               for i in range(GROUPS)]
+# bit j of a 4-bit index -> bit 4 of byte j (Q5's 5th bits of 4 weights, as in one dword)
+_SPREAD = _const16(sum(((n >> j) & 1) << (8 * j + 4) for j in range(4)) for n in range(16))
+
+
 def _call(b, name, ret, args):
     fnty = ir.FunctionType(ret, [a.type for a in args])
     return b.call(cgutils.get_or_insert_function(b.module, fnty, name), args)
@@ -122,6 +131,20 @@ def _tile_loop(context, b, sig, args, elems, label, body):
     return context.get_dummy_value()
 
 
+def fifth_bits(b, qh, i):
+    """Q5's 5th bits of group i (weights 4i .. 4i + 3, bits 4i .. of each row's qh dword) at
+    bit 4 of their bytes. With AVX512-VBMI one vpmultishiftqb moves each byte's bit into place
+    (control: per byte j of row dword h of a qword, the rotation 4i + j - 4 + 32h) and an AND
+    keeps it; else a shift and a vpermd table."""
+    if VBMI:
+        v64 = ir.VectorType(_I8, 64)
+        got = _call(b, "llvm.x86.avx512.pmultishift.qb.512", v64,
+                    [_MULTISHIFT[i], b.bitcast(qh, v64)])
+        return b.and_(b.bitcast(got, _V16I32), _const16([0x10101010] * 16))
+    four = b.lshr(qh, _const16([4 * i] * 16)) if i else qh  # vpermd reads 4 index bits
+    return _call(b, "llvm.x86.avx512.permvar.si.512", _V16I32, [_SPREAD, four])
+
+
 def _repack(kind: int):
     """Code of repack(kind, raw, off, row_bytes, n_valid, w, wo, d, m, so): the block at byte
     off of 16 rows (row r at off + r * row_bytes; rows >= n_valid read as zero) as 8 vectors of
@@ -168,10 +191,7 @@ def _repack(kind: int):
         if HAS_QH[kind]:  # bit j of qh: 5th bit of weight j, moved to bit 4 of its byte
             qh = at(qh_off)
             for i in range(GROUPS):
-                four = b.and_(b.lshr(qh, _const16([4 * i] * 16)), _const16([0xF] * 16))
-                # bit c of four lands at 8c + 4 (the other products miss bits 4, 12, ..)
-                spread = b.mul(four, _const16([0x02040810] * 16))
-                vecs[i] = b.or_(vecs[i], b.and_(spread, _const16([0x10101010] * 16)))
+                vecs[i] = b.or_(vecs[i], fifth_bits(b, qh, i))
         for i, vec in enumerate(vecs):
             store(i, vec)
         return context.get_dummy_value()
