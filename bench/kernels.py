@@ -46,7 +46,7 @@ THREADS = (1, 2)
 # kernel/probe pass pairs on the big matrix: on this shared VM the bandwidth one pass gets moves
 # by 2x from second to second (12-34 GB/s for one kernel within a minute), so the best pair
 # needs more draws than a cache-resident matrix does
-BIG_REPEATS, QUICK_BIG_REPEATS = 12, 3
+BIG_REPEATS, QUICK_BIG_REPEATS = 30, 3
 FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni",
          "avx512_bf16", "avx512_fp16")
 

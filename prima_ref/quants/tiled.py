@@ -407,16 +407,24 @@ def k_weights(b, kind: int, at):
         head = at(0)
         d, dmin = _half_to_f32(b, head), _half_to_f32(b, b.lshr(head, c(16)))
         u0, u1, u2 = at(4), at(8), at(12)
+        # Q4_K's odd sub-blocks (high nibbles) stay in place, 16 x their quant (a mask, no
+        # shift), their scale 16 x smaller: d / 16 * sc is exactly d * sc / 16 (a power of two,
+        # far from subnormal) and 16 dot < 2^24 converts exactly, so every product and sum is
+        # the one of the shifted nibbles
+        d16 = b.fmul(d, ir.Constant(_V16F32, [1 / 16] * 16)) if kind == Q4_K else d
         dsc, dmm = [], []
         for j in range(N_SUB32):
             sc, mn = _scales_k4(b, u0, u1, u2, j)
-            dsc.append(b.fmul(d, b.sitofp(sc, _V16F32)))
+            dsc.append(b.fmul(d16 if j % 2 else d, b.sitofp(sc, _V16F32)))
             dmm.append(b.fmul(dmin, b.sitofp(mn, _V16F32)))
         qs, qh = (16, None) if kind == Q4_K else (48, 16)
 
         def vec(v):  # qs[32c + l]: low nibble weight 64c + l, high 64c + 32 + l
             j, i = divmod(v, 8)
-            u = b.and_(b.lshr(at(qs + 32 * (j // 2) + 4 * i), c(4 * (j % 2))), c(0x0F0F0F0F))
+            q = at(qs + 32 * (j // 2) + 4 * i)
+            if kind == Q4_K:
+                return b.and_(q, c(0xF0F0F0F0 if j % 2 else 0x0F0F0F0F))
+            u = b.and_(b.lshr(q, c(4 * (j % 2))), c(0x0F0F0F0F))
             if qh is not None:  # 5th bit of weight 32j + l: bit j of qh[l]
                 hb = b.and_(b.lshr(at(qh + 4 * i), c(j)), c(0x01010101))
                 u = b.or_(u, b.shl(hb, c(4)))
