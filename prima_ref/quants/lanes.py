@@ -202,13 +202,14 @@ class _Rows:
                 _shuffle(b, d[0], d[1], range(1, 32, 2)))
 
 
-def _frame(block_bytes: int, n_tok: int, elems, body):
+def _frame(block_bytes: int, n_tok: int, elems, body, step: int = 1):
     """Code of an intrinsic (raw, off, row_bytes, n_valid, n_blocks, 4 activation arrays (elems
     their element types), padded, ys, y_off, y_stride, n_store): the loop over the (super-)
     blocks of the n_valid rows from byte off (row r at off + r * row_bytes; with n_valid < 16
     the 16 - n_valid rows before off are read too, their lanes not stored) with n_tok float32x16
-    accumulators, body(b, blk, rows, accs, xptrs, padded, fma) -> the accumulators after that
-    block, then ys[y_off + t * y_stride + r] = accumulator t, lane r, for t < n_store."""
+    accumulators, body(b, blk, k, rows, accs, xptrs, padded, fma) -> the accumulators after
+    the k blocks from block blk (k = step, then 1 for the blocks left), then ys[y_off + t *
+    y_stride + r] = accumulator t, lane r, for t < n_store."""
 
     def codegen(context, builder, sig, args):
         b = builder
@@ -234,35 +235,52 @@ def _frame(block_bytes: int, n_tok: int, elems, body):
         fma = cgutils.get_or_insert_function(
             b.module, ir.FunctionType(_V16F32, [_V16F32] * 3), "llvm.fma.v16f32")
 
-        pre = b.block
-        loop, done = b.append_basic_block("lanes.loop"), b.append_basic_block("lanes.done")
-        b.cbranch(b.icmp_signed(">", nb, i64(0)), loop, done)
-        b.position_at_end(loop)
-        blk = b.phi(_I64)
-        accs = [b.phi(_V16F32) for _ in range(n_tok)]
-        p0 = _opaque(b, b.gep(rawp, [b.add(first, b.mul(blk, i64(block_bytes)))]))
-        rows = _Rows(b, p0, _opaque(b, b.gep(p0, [rb8])), offs)
-        # the rows of one group are 16 * row_bytes contiguous bytes, read as 16 strided
-        # streams at a time, which the hardware prefetchers follow poorly (short rows: not at
-        # all): fetch the group PREFETCH_GROUPS ahead at the same pace (16 blocks a block)
-        ahead = b.add(b.add(first, b.mul(rb, i64(ROWS * PREFETCH_GROUPS))),
-                      b.mul(blk, i64(ROWS * block_bytes)))
-        for j in range(0, ROWS * block_bytes, 64):
-            pf = b.gep(rawp, [b.add(ahead, i64(j))])
-            _call(b, "llvm.prefetch.p0i8", ir.VoidType(),
-                  [pf, ir.Constant(_I32, 0), ir.Constant(_I32, PREFETCH_LOCALITY),
-                   ir.Constant(_I32, 1)])
-        new = body(b, blk, rows, accs, xptrs, padded, fma)
-        nxt = b.add(blk, i64(1))
-        end = b.block
-        blk.add_incoming(i64(0), pre)
-        blk.add_incoming(nxt, end)
-        for acc, value in zip(accs, new, strict=True):
-            acc.add_incoming(_ZERO_F, pre)
-            acc.add_incoming(value, end)
-        b.cbranch(b.icmp_signed("<", nxt, nb), loop, done)
-        b.position_at_end(done)
-        phis = [b.phi(_V16F32) for _ in new]
+        def blocks(start, count, k, accs_in):
+            """The loop over `count` iterations of k blocks each from block `start`: the
+            accumulators after it (accs_in where count is 0)."""
+            pre = b.block
+            loop, done = b.append_basic_block("lanes.loop"), b.append_basic_block("lanes.done")
+            b.cbranch(b.icmp_signed(">", count, i64(0)), loop, done)
+            b.position_at_end(loop)
+            it = b.phi(_I64)
+            accs = [b.phi(_V16F32) for _ in range(n_tok)]
+            blk = b.add(start, b.mul(it, i64(k)))
+            p0 = _opaque(b, b.gep(rawp, [b.add(first, b.mul(blk, i64(block_bytes)))]))
+            rows = _Rows(b, p0, _opaque(b, b.gep(p0, [rb8])), offs)
+            # the rows of one group are 16 * row_bytes contiguous bytes, read as 16 strided
+            # streams at a time, which the hardware prefetchers follow poorly (short rows: not
+            # at all): fetch the group PREFETCH_GROUPS ahead at the same pace (16 blocks a
+            # block)
+            ahead = b.add(b.add(first, b.mul(rb, i64(ROWS * PREFETCH_GROUPS))),
+                          b.mul(blk, i64(ROWS * block_bytes)))
+            for j in range(0, ROWS * block_bytes * k, 64):
+                pf = b.gep(rawp, [b.add(ahead, i64(j))])
+                _call(b, "llvm.prefetch.p0i8", ir.VoidType(),
+                      [pf, ir.Constant(_I32, 0), ir.Constant(_I32, PREFETCH_LOCALITY),
+                       ir.Constant(_I32, 1)])
+            new = body(b, blk, k, rows, accs, xptrs, padded, fma)
+            nxt = b.add(it, i64(1))
+            end = b.block
+            it.add_incoming(i64(0), pre)
+            it.add_incoming(nxt, end)
+            for acc, value, was in zip(accs, new, accs_in, strict=True):
+                acc.add_incoming(was, pre)
+                acc.add_incoming(value, end)
+            b.cbranch(b.icmp_signed("<", nxt, count), loop, done)
+            b.position_at_end(done)
+            out = [b.phi(_V16F32) for _ in new]
+            for phi, value, was in zip(out, new, accs_in, strict=True):
+                phi.add_incoming(was, pre)
+                phi.add_incoming(value, end)
+            return out
+
+        # `step` blocks an iteration, then the nb % step left one at a time; in block order
+        # either way, so the floats are those of one loop
+        whole = b.sdiv(nb, i64(step)) if step > 1 else nb
+        phis = blocks(i64(0), whole, step, [_ZERO_F] * n_tok)
+        if step > 1:
+            done = b.mul(whole, i64(step))
+            phis = blocks(done, b.sub(nb, done), 1, phis)
         store = cgutils.get_or_insert_function(
             b.module, ir.FunctionType(ir.VoidType(), [_V16F32, _V16F32.as_pointer(), _I32,
                                                       ir.VectorType(ir.IntType(1), 16)]),
@@ -270,9 +288,7 @@ def _frame(block_bytes: int, n_tok: int, elems, body):
         valid = b.icmp_signed(">=", lanes, _splat(b, b.trunc(shift, _I32), _V16I32))
         none = ir.Constant(valid.type, None)
         yo = b.sub(yo, shift)
-        for t, (phi, value) in enumerate(zip(phis, new, strict=True)):
-            phi.add_incoming(_ZERO_F, pre)
-            phi.add_incoming(value, end)
+        for t, phi in enumerate(phis):
             p = b.gep(yp, [b.add(yo, b.mul(ys, i64(t)))])
             mask = b.select(b.icmp_signed("<", i64(t), n_store), valid, none)  # padding: none
             b.call(store, [phi, b.bitcast(p, _V16F32.as_pointer()), ir.Constant(_I32, 4), mask])
@@ -288,37 +304,60 @@ def _rows(kind: int, n_tok: int):
     qs_off, has_min, has_qh = QS_OFF[kind], HAS_MIN[kind], HAS_QH[kind]
     c = lambda v: _const16([v] * 16)  # noqa: E731
 
-    def body(b, blk, rows, accs, xptrs, padded, fma):
-        qp, dxp, sp, dsp = xptrs
-        if has_min and has_qh:  # Q5_1: d, m, qh in the qword at 0
-            head, qh = rows.qwords()
-        elif has_min:  # Q4_1: d, m in the dword at 0
-            head, qh = rows.dwords(0), None
+    bb = BLOCK_BYTES[kind]
+    # Q4_1 (20 bytes) and Q5_1 (24) blocks are whole dwords: `step` blocks of a row are
+    # whole 16-byte quads (4 x 20 = 5 x 16, 2 x 24 = 3 x 16), so their d|m (and qh) dwords come
+    # out of the quads' transposes with the quants, where one block at a time gathers them
+    # with 16 vpinsrd (Q4_1) or 16 vmovq (Q5_1) of their own
+    step = {Q4_1: 4, Q5_1: 2}.get(kind, 1)
+
+    def weights(b, rows, base, k):
+        """(wv, dv, mv) of the block at byte `base` of the rows' pointer (k: blocks in this
+        iteration)."""
+        if k > 1:
+            head = rows.dword(base)
+            qh = rows.dword(base + QH_OFF[kind]) if has_qh else None
+            q4 = [rows.dword(base + qs_off + 4 * i) for i in range(GROUPS // 2)]
+        else:
+            if has_min and has_qh:  # Q5_1: d, m, qh in the qword at 0
+                head, qh = rows.qwords()
+            elif has_min:  # Q4_1: d, m in the dword at 0
+                head, qh = rows.dwords(0), None
+            else:  # d through general registers (below); Q5_0's qh at byte 2
+                head = None
+                qh = rows.dwords(QH_OFF[kind]) if has_qh else None
+            q4 = None if kind == Q8_0 else rows.quads(qs_off)
         if has_min:
             dv, mv = _half_to_f32(b, head), _half_to_f32(b, b.lshr(head, c(16)))
-        else:  # d through general registers; Q5_0's qh at byte 2
+        else:
             dv, mv = rows.halves(0), None
-            qh = rows.dwords(QH_OFF[kind]) if has_qh else None
         if kind == Q8_0:
             wv = [b.xor(q, c(0x80808080)) for q in rows.quads(qs_off) + rows.quads(qs_off + 16)]
         else:
-            q4 = rows.quads(qs_off)
             wv = [b.and_(q, c(0x0F0F0F0F)) for q in q4] + \
                  [b.and_(b.lshr(q, c(4)), c(0x0F0F0F0F)) for q in q4]
             if has_qh:
                 for i in range(GROUPS):
                     wv[i] = b.or_(wv[i], tiled.fifth_bits(b, qh, i))
-        new = []
-        for t, acc in enumerate(accs):
-            slot = b.add(b.mul(blk, padded), ir.Constant(_I64, t))
-            seed = None
-            if not has_min:  # -k * sum(qx): the tiles' seed, from -sum(qx)
-                nsx = _splat(b, b.load(b.gep(sp, [slot]), align=4), _V16I32)
-                seed = b.shl(nsx, c(K_SHIFT[kind]))
-            new.append(block_fma(b, fma, wv, dv, mv, seed, qp, dxp, dsp, slot, acc))
-        return new
+        return wv, dv, mv
 
-    return _frame(BLOCK_BYTES[kind], n_tok, (_I32, _F32, _I32, _F32), body)
+    def body(b, blk, k, rows, accs, xptrs, padded, fma):
+        qp, dxp, sp, dsp = xptrs
+        for sub in range(k):  # blocks blk .. blk + k - 1, in order
+            wv, dv, mv = weights(b, rows, sub * bb, k)
+            new = []
+            for t, acc in enumerate(accs):
+                slot = b.add(b.mul(b.add(blk, ir.Constant(_I64, sub)), padded),
+                             ir.Constant(_I64, t))
+                seed = None
+                if not has_min:  # -k * sum(qx): the tiles' seed, from -sum(qx)
+                    nsx = _splat(b, b.load(b.gep(sp, [slot]), align=4), _V16I32)
+                    seed = b.shl(nsx, c(K_SHIFT[kind]))
+                new.append(block_fma(b, fma, wv, dv, mv, seed, qp, dxp, dsp, slot, acc))
+            accs = new
+        return accs
+
+    return _frame(bb, n_tok, (_I32, _F32, _I32, _F32), body, step)
 
 
 def _rows_k(kind: int, n_tok: int):
@@ -329,7 +368,7 @@ def _rows_k(kind: int, n_tok: int):
     n_sub = QK_K // SUB[kind]
     groups = SUB[kind] // 4
 
-    def body(b, sb, rows, accs, xptrs, padded, fma):
+    def body(b, sb, k, rows, accs, xptrs, padded, fma):  # k: 1 (step 1)
         qp, xdp, s32p, s16p = xptrs
         vec, dsc, dmm = tiled.k_weights(b, kind, rows.dword)
         slots = [b.add(b.mul(sb, padded), ir.Constant(_I64, t)) for t in range(n_tok)]
