@@ -5,8 +5,8 @@ vectorizer off, per-lane accumulator kernels compile to packed 512-bit int8->f32
 settings unroll the block loop and fall back to gathers (3-6 GB/s instead of ~19).
 The flags are process-wide, so they are set here, once, unless the user set them. If numba was
 imported first, its config object is patched instead (codegen reads it at first compile).
-Numba's on-disk cache does not key on these flags (nor on PRIMA_VBMI=0, which
-turns off an instruction set in quants/tiled.py), so the cache directory does. Nor does it
+Numba's on-disk cache does not key on these flags (nor on PRIMA_VNNI_ONLY=1,
+which turns off two instruction sets in quants/tiled.py), so the cache directory does. Nor does it
 notice when a function that a cached kernel inlines from another module changes (the kernels
 inline helpers across prima_ref/quants and prima_ref/model/ops.py), so the directory also
 carries a digest of those sources: an edited helper can never run as its stale cached copy.
@@ -35,8 +35,8 @@ _FLAGS = {"NUMBA_SLP_VECTORIZE": "1", "NUMBA_LOOP_VECTORIZE": "0"}
 
 def _cache_dir() -> str:
     tag = "slp{}-loop{}".format(os.environ["NUMBA_SLP_VECTORIZE"], os.environ["NUMBA_LOOP_VECTORIZE"])
-    if os.environ.get("PRIMA_VBMI") == "0":  # a codegen switch too (quants/tiled.py)
-        tag += "-vbmi0"
+    if os.environ.get("PRIMA_VNNI_ONLY") == "1":  # a codegen switch too (quants/tiled.py)
+        tag += "-vnni-only"
     root = os.environ.get("PRIMA_REF_CACHE") or Path.home() / ".cache" / "prima-ref"
     return str(Path(root) / "numba" / tag / _sources_digest())
 

@@ -167,40 +167,41 @@ def test_a_second_process_finds_the_lanes_kernels_in_numbas_cache(tmp_path):
     assert runs[1].stdout.split() == ["1", "0", "1", "0"]  # found, not compiled
 
 
-VBMI_CHILD = textwrap.dedent("""
+VNNI_ONLY_TYPES = (T.Q4_1, T.Q5_0, T.Q5_1, T.Q5_K)  # every changed path
+VNNI_ONLY_CHILD = textwrap.dedent("""
     import hashlib, sys
     sys.path.insert(0, sys.argv[1])
     import numpy as np
-    from gguf.constants import GGMLQuantizationType as T
-    from test_quants import realistic_rows
-    from prima_ref.quants import kernels, tiled
-    print(int(tiled.VBMI))
-    for qtype in (T.Q5_0, T.Q5_1):
-        raw = realistic_rows(qtype, np.random.default_rng(int(qtype)), 21, 256)
-        xs = np.random.default_rng(1).standard_normal((9, 256)).astype(np.float32)
-        k = kernels(qtype)
-        for ys in (k.matmul(raw, xs), k.matvec(raw, xs[0])):  # tiled repack, lanes decode
-            print(hashlib.sha1(np.ascontiguousarray(ys).tobytes()).hexdigest())
+    from test_quants_lanes import VNNI_ONLY_TYPES, products_digests
+    from prima_ref.quants import tiled
+    print(int(tiled.VBMI), int(tiled.GFNI))
+    for qtype in VNNI_ONLY_TYPES:
+        print(*products_digests(qtype))
 """)
 
 
-@needs_lanes
-@pytest.mark.skipif(not tiled.VBMI, reason="CPU lacks AVX512-VBMI: only the vpermd path here")
-def test_q5_fifth_bits_by_vpermd_give_the_vpmultishiftqb_bits(tmp_path):
-    """PRIMA_VBMI=0 (what a CPU without AVX512-VBMI gets) places Q5's 5th bits with a shift
-    and a vpermd table instead of vpmultishiftqb: prefill and decode keep every bit."""
+def products_digests(qtype):
+    """sha1 of a prefill (tiles) and a decode (lanes) product of one fixed matrix."""
     import hashlib
 
+    raw = realistic_rows(qtype, np.random.default_rng(int(qtype)), 21, 512)
+    xs = np.random.default_rng(1).standard_normal((9, 512)).astype(np.float32)
+    k = kernels(qtype)
+    return [hashlib.sha1(np.ascontiguousarray(ys).tobytes()).hexdigest()
+            for ys in (k.matmul(raw, xs), k.matvec(raw, xs[0]))]
+
+
+@needs_lanes
+@pytest.mark.skipif(not (tiled.VBMI or tiled.GFNI), reason="CPU lacks AVX512-VBMI and GFNI")
+def test_plain_vnni_code_gives_the_bits_of_the_vbmi_and_gfni_code(tmp_path):
+    """PRIMA_VNNI_ONLY=1 (what a CPU with AVX512-VNNI but without VBMI / GFNI gets) moves Q5's
+    5th bits with a shift and a vpermd table instead of vpmultishiftqb, and nibbles and bits
+    with shifts and masks instead of vgf2p8affineqb: prefill and decode keep every bit."""
     tests = str(Path(__file__).parent)
-    env = {**os.environ, "PRIMA_VBMI": "0", "NUMBA_CACHE_DIR": str(tmp_path)}
-    run = subprocess.run([sys.executable, "-c", VBMI_CHILD, tests], env=env, text=True,
+    env = {**os.environ, "PRIMA_VNNI_ONLY": "1", "NUMBA_CACHE_DIR": str(tmp_path)}
+    run = subprocess.run([sys.executable, "-c", VNNI_ONLY_CHILD, tests], env=env, text=True,
                          capture_output=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
-    want = ["0"]
-    for qtype in (T.Q5_0, T.Q5_1):
-        raw = realistic_rows(qtype, np.random.default_rng(int(qtype)), 21, 256)
-        xs = np.random.default_rng(1).standard_normal((9, 256)).astype(np.float32)
-        k = kernels(qtype)
-        want += [hashlib.sha1(np.ascontiguousarray(ys).tobytes()).hexdigest()
-                 for ys in (k.matmul(raw, xs), k.matvec(raw, xs[0]))]
-    assert run.stdout.split() == want
+    lines = run.stdout.strip().splitlines()
+    assert lines[0] == "0 0"
+    assert lines[1:] == [" ".join(products_digests(q)) for q in VNNI_ONLY_TYPES]

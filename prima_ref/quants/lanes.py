@@ -335,7 +335,7 @@ def _rows(kind: int, n_tok: int):
             wv = [b.xor(q, c(0x80808080)) for q in rows.quads(qs_off) + rows.quads(qs_off + 16)]
         else:
             wv = [b.and_(q, c(0x0F0F0F0F)) for q in q4] + \
-                 [b.and_(b.lshr(q, c(4)), c(0x0F0F0F0F)) for q in q4]
+                 [tiled.high_nibbles(b, q) for q in q4]
             if has_qh:
                 for i in range(GROUPS):
                     wv[i] = b.or_(wv[i], tiled.fifth_bits(b, qh, i))

@@ -63,8 +63,13 @@ def _const16(values):
     return ir.Constant(_V16I32, [int(v) for v in values])
 
 
-# vpmultishiftqb for Q5's 5th bits (fifth_bits); PRIMA_VBMI=0 takes the vpermd table instead
-VBMI = bool(cpu_features().get("avx512vbmi")) and os.environ.get("PRIMA_VBMI") != "0"
+# byte-level extensions beside AVX512-VNNI (Ice Lake, Zen 4 and later have both; Cascade Lake
+# neither): vpmultishiftqb for Q5's 5th bits (fifth_bits), GFNI's vgf2p8affineqb for nibble and
+# bit moves (high_nibbles, bit_to_4). PRIMA_VNNI_ONLY=1 takes the plain shifts and masks (the
+# same integers; a test checks the bits)
+_EXTENSIONS = os.environ.get("PRIMA_VNNI_ONLY") != "1"
+VBMI = bool(cpu_features().get("avx512vbmi")) and _EXTENSIONS
+GFNI = bool(cpu_features().get("gfni")) and _EXTENSIONS
 _MULTISHIFT = [ir.Constant(ir.VectorType(_I8, 64),
                            [(4 * i + p % 4 - 4 + 32 * (p // 4 % 2)) % 64 for p in range(64)])
                for i in range(GROUPS)]
@@ -145,6 +150,33 @@ def fifth_bits(b, qh, i):
     return _call(b, "llvm.x86.avx512.permvar.si.512", _V16I32, [_SPREAD, four])
 
 
+def _affine(b, v, rows):
+    """vgf2p8affineqb with one bit matrix for every byte of v (16 x i32): output bit i of a
+    byte is the parity of (byte & rows[i]) (rows: 8 masks, rows[i] = 0 clears bit i)."""
+    v64 = ir.VectorType(_I8, 64)
+    qword = sum(int(m) << (8 * (7 - i)) for i, m in enumerate(rows))
+    matrix = ir.Constant(v64, [(qword >> (8 * k)) & 0xFF for k in range(8)] * 8)
+    got = _call(b, "llvm.x86.vgf2p8affineqb.512", v64,
+                [b.bitcast(v, v64), matrix, ir.Constant(_I8, 0)])
+    return b.bitcast(got, _V16I32)
+
+
+def high_nibbles(b, q):
+    """(q >> 4) & 0x0F0F0F0F: one GFNI op where there is GFNI."""
+    if GFNI:
+        return _affine(b, q, [0x10, 0x20, 0x40, 0x80, 0, 0, 0, 0])
+    return b.and_(b.lshr(q, _const16([4] * 16)), _const16([0x0F0F0F0F] * 16))
+
+
+def bit_to_4(b, h, j):
+    """Bit j of each byte of h at bit 4, the other bits 0: one GFNI op where there is GFNI."""
+    if GFNI:
+        return _affine(b, h, [0, 0, 0, 0, 1 << j, 0, 0, 0])
+    c = lambda v: _const16([v] * 16)  # noqa: E731
+    h = b.shl(h, c(4 - j)) if j < 4 else b.lshr(h, c(j - 4)) if j > 4 else h
+    return b.and_(h, c(0x10101010))
+
+
 def _repack(kind: int):
     """Code of repack(kind, raw, off, row_bytes, n_valid, w, wo, d, m, so): the block at byte
     off of 16 rows (row r at off + r * row_bytes; rows >= n_valid read as zero) as 8 vectors of
@@ -187,7 +219,7 @@ def _repack(kind: int):
         for i in range(GROUPS // 2):  # byte j of qs: low nibble weight j, high j + 16
             q = at(qs_off + 4 * i)
             vecs[i] = b.and_(q, nib)
-            vecs[i + GROUPS // 2] = b.and_(b.lshr(q, _const16([4] * 16)), nib)
+            vecs[i + GROUPS // 2] = high_nibbles(b, q)
         if HAS_QH[kind]:  # bit j of qh: 5th bit of weight j, moved to bit 4 of its byte
             qh = at(qh_off)
             for i in range(GROUPS):
@@ -424,11 +456,9 @@ def k_weights(b, kind: int, at):
             q = at(qs + 32 * (j // 2) + 4 * i)
             if kind == Q4_K:
                 return b.and_(q, c(0xF0F0F0F0 if j % 2 else 0x0F0F0F0F))
-            u = b.and_(b.lshr(q, c(4 * (j % 2))), c(0x0F0F0F0F))
-            if qh is not None:  # 5th bit of weight 32j + l: bit j of qh[l]
-                hb = b.and_(b.lshr(at(qh + 4 * i), c(j)), c(0x01010101))
-                u = b.or_(u, b.shl(hb, c(4)))
-            return u
+            u = high_nibbles(b, q) if j % 2 else b.and_(q, c(0x0F0F0F0F))
+            # 5th bit of weight 32j + l: bit j of qh[l]
+            return b.or_(u, bit_to_4(b, at(qh + 4 * i), j))
 
         return vec, dsc, dmm
     d = _half_to_f32(b, b.lshr(at(206), c(16)))  # bytes 208-209 (no read past block)
