@@ -430,10 +430,12 @@ def _scales_k4(b, u0, u1, u2, j):
 
 def k_weights(b, kind: int, at):
     """One K super-block of 16 rows, from at(k) (the dword at byte k of each row's super-block,
-    16 lanes): (vec, dsc, dmm) with vec(i) emitting weight vector i (4 unsigned quants of
-    weights 4i..4i+3 per row lane), dsc[j] = d * sc_j and dmm[j] = dmin * m_j (None without
-    mins) as float32. The prefill tiles (gathers) and the decode lanes (transposed row loads,
-    prima_ref.quants.lanes) both unpack through here, so their integers and scales agree."""
+    16 lanes): (vec, scales) with vec(i) emitting weight vector i (4 unsigned quants of
+    weights 4i..4i+3 per row lane) and scales(j) emitting sub-block j's (d * sc_j, dmin * m_j)
+    as float32 (None for the min without mins): each where the caller needs it, so no
+    sub-block's scales wait in registers (or spilled) for the others. The prefill tiles
+    (gathers) and the decode lanes (transposed row loads, prima_ref.quants.lanes) both unpack
+    through here, so their integers and scales agree."""
     c = lambda v: _const16([v] * 16)  # noqa: E731
     if kind in (Q4_K, Q5_K):
         head = at(0)
@@ -444,11 +446,12 @@ def k_weights(b, kind: int, at):
         # far from subnormal) and 16 dot < 2^24 converts exactly, so every product and sum is
         # the one of the shifted nibbles
         d16 = b.fmul(d, ir.Constant(_V16F32, [1 / 16] * 16)) if kind == Q4_K else d
-        dsc, dmm = [], []
-        for j in range(N_SUB32):
+
+        def scales(j):
             sc, mn = _scales_k4(b, u0, u1, u2, j)
-            dsc.append(b.fmul(d16 if j % 2 else d, b.sitofp(sc, _V16F32)))
-            dmm.append(b.fmul(dmin, b.sitofp(mn, _V16F32)))
+            return (b.fmul(d16 if j % 2 else d, b.sitofp(sc, _V16F32)),
+                    b.fmul(dmin, b.sitofp(mn, _V16F32)))
+
         qs, qh = (16, None) if kind == Q4_K else (48, 16)
 
         def vec(v):  # qs[32c + l]: low nibble weight 64c + l, high 64c + 32 + l
@@ -460,13 +463,13 @@ def k_weights(b, kind: int, at):
             # 5th bit of weight 32j + l: bit j of qh[l]
             return b.or_(u, bit_to_4(b, at(qh + 4 * i), j))
 
-        return vec, dsc, dmm
+        return vec, scales
     d = _half_to_f32(b, b.lshr(at(206), c(16)))  # bytes 208-209 (no read past block)
-    dsc = []
-    for j in range(N_SUB16):
+
+    def scales(j):
         word = at(192 + 4 * (j // 4))
         sc = b.ashr(b.shl(word, c(24 - 8 * (j % 4))), c(24))  # int8 scale j
-        dsc.append(b.fmul(d, b.sitofp(sc, _V16F32)))
+        return b.fmul(d, b.sitofp(sc, _V16F32)), None
 
     def vec(i):
         h, r = divmod(4 * i, 128)
@@ -476,7 +479,7 @@ def k_weights(b, kind: int, at):
         high = b.and_(b.lshr(at(128 + 32 * h + ll), c(2 * quarter)), c(0x03030303))
         return b.or_(low, b.shl(high, c(4)))
 
-    return vec, dsc, None
+    return vec, scales
 
 
 def k_dot(b, kind, wv, j, slot, qp, s16p):
@@ -538,11 +541,12 @@ def _repack_k(kind: int):
             p = b.gep(ptr, [b.add(start, ir.Constant(_I64, i))])
             b.store(vec, b.bitcast(p, ty.as_pointer()), align=1)
 
-        vec, dsc, dmm = k_weights(b, kind, at)
-        for j, v in enumerate(dsc):
-            put(sp, so, 16 * j, v, _V16F32)
-        for j, v in enumerate(dmm or ()):
-            put(mp, mo, 16 * j, v, _V16F32)
+        vec, scales = k_weights(b, kind, at)
+        for j in range(QK_K // SUB[kind]):
+            dv, mv = scales(j)
+            put(sp, so, 16 * j, dv, _V16F32)
+            if mv is not None:
+                put(mp, mo, 16 * j, mv, _V16F32)
         for i in range(K_VECTORS):
             put(wp, wo, 64 * i, vec(i), _V16I32)
         return context.get_dummy_value()
