@@ -322,13 +322,16 @@ def _rows(kind: int, n_tok: int):
     # Q4_1 (20 bytes) and Q5_1 (24) blocks are whole dwords: `step` blocks of a row are
     # whole 16-byte quads (4 x 20 = 5 x 16, 2 x 24 = 3 x 16), so their d|m (and qh) dwords come
     # out of the quads' transposes with the quants, where one block at a time gathers them
-    # with 16 vpinsrd (Q4_1) or 16 vmovq (Q5_1) of their own
-    step = {Q4_1: 4, Q5_1: 2}.get(kind, 1)
+    # with 16 vpinsrd (Q4_1) or 16 vmovq (Q5_1) of their own. Q8_0, Q4_0 and Q5_0 take 2
+    # blocks an iteration too, each loaded as one block at its own offset: their prefetches
+    # then come in two shares (see _frame), 1 GiB from RAM at 1 thread +3-9 % (2026-12-04, Zen
+    # 5; from L2 +3 % Q4_0, +11 % Q5_0); 4 blocks (Q8_0) measured 38 % slower
+    step = {Q4_1: 4, Q5_1: 2, Q8_0: 2, Q4_0: 2, Q5_0: 2}.get(kind, 1)
 
     def weights(b, rows, base, k):
         """(wv, dv, mv) of the block at byte `base` of the rows' pointer (k: blocks in this
-        iteration)."""
-        if k > 1:
+        iteration; whole quads for Q4_1 / Q5_1 when k > 1)."""
+        if k > 1 and has_min:
             head = rows.dword(base)
             qh = rows.dword(base + QH_OFF[kind]) if has_qh else None
             q4 = [rows.dword(base + qs_off + 4 * i) for i in range(GROUPS // 2)]
@@ -339,14 +342,15 @@ def _rows(kind: int, n_tok: int):
                 head, qh = rows.dwords(0), None
             else:  # d through general registers (below); Q5_0's qh at byte 2
                 head = None
-                qh = rows.dwords(QH_OFF[kind]) if has_qh else None
-            q4 = None if kind == Q8_0 else rows.quads(qs_off)
+                qh = rows.dwords(base + QH_OFF[kind]) if has_qh else None
+            q4 = None if kind == Q8_0 else rows.quads(base + qs_off)
         if has_min:
             dv, mv = _half_to_f32(b, head), _half_to_f32(b, b.lshr(head, c(16)))
         else:
-            dv, mv = rows.halves(0), None
+            dv, mv = rows.halves(base), None
         if kind == Q8_0:
-            wv = [b.xor(q, c(0x80808080)) for q in rows.quads(qs_off) + rows.quads(qs_off + 16)]
+            wv = [b.xor(q, c(0x80808080))
+                  for q in rows.quads(base + qs_off) + rows.quads(base + qs_off + 16)]
         else:
             wv = [b.and_(q, c(0x0F0F0F0F)) for q in q4] + \
                  [tiled.high_nibbles(b, q) for q in q4]
