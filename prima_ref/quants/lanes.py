@@ -23,6 +23,7 @@ same activations, whatever n.
 from __future__ import annotations
 
 import numpy as np
+from llvmlite import binding as llvm
 from llvmlite import ir
 from numba import njit, prange, types
 from numba.core import cgutils, errors
@@ -69,10 +70,13 @@ from prima_ref.quants.tiled import (
 )
 
 MAX_TOKENS = 8
-# software prefetch of the group PREFETCH_GROUPS ahead, into L2 (llvm.prefetch locality 1:
-# prefetcht2); measured on 576- to 8192-wide Q8_0/Q4_0 matrices from L3 and RAM, 1 and 2
-# threads: into L1 (prefetcht0) up to 2x slower on wide rows, 1 or 4 groups no better
-PREFETCH_LOCALITY = 1
+# software prefetch of the group PREFETCH_GROUPS ahead (1 or 4 groups measured no better),
+# into L2 (llvm.prefetch locality 1: prefetcht2) except on Zen 5, where prefetcht0 (3) is:
+# on Zen 4, 576- to 8192-wide Q8_0/Q4_0 matrices from L3 and RAM, 1 and 2 threads, prefetcht0
+# was up to 2x slower on wide rows (measured before the prefetches were spread); on Zen 5, with
+# them spread (see _frame), a 1 GiB matrix from RAM at 1 and 2 threads read 2-11 % faster
+# with prefetcht0 for every lanes kind (Q8_0, Q4_0, Q4_1, Q5_0, Q4_K, Q5_K; 2026-12-04)
+PREFETCH_LOCALITY = 3 if llvm.get_host_cpu_name() == "znver5" else 1
 PREFETCH_GROUPS = 2
 # the K kinds whose decode products (k_quants' matmul of 1..8 tokens, fused.kq_matvec) run
 # here. Q6_K stays on k_quants' row dot: its lanes kernel, bit-equal too, measured 10-50 %
