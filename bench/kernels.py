@@ -36,7 +36,7 @@ from prima_ref.quants.layouts import LAYOUTS, n_cols, row_bytes
 REPORT = Path(__file__).resolve().parent.parent / "reports" / "kernels.md"
 
 # CLI defaults, each with its reason
-BIG_BYTES = 1 << 30  # matvec "big" matrix: 4x the 260 MB L3, so weights really come from RAM
+BIG_BYTES = 1 << 30  # matvec "big" matrix: 4-32x the L3 of the hosts seen, so weights come from RAM
 QUICK_BIG_BYTES = 256 << 20  # --quick: still past L2, fast to build
 BIG_N_COLS = 8192  # a 7-13B model's hidden size: rows long enough to amortize per-row work
 SQUARE = 4096  # the 4096x4096 matrix the issue asks for (32-64 MB: partly cache resident)
@@ -66,22 +66,28 @@ NOTES = [
     " (prima_ref/quants/lanes.py): 16 weight rows in the 16 lanes of a vector. Each row's 16"
     " quant bytes are loaded whole and 16 rows x 4 dwords transposed in registers (in-lane"
     " unpacks); Q4_1 / Q5_1 take 4 / 2 blocks a pass (whole quads, their scales come out of"
-    " the transposes), Q8_0 / Q4_0 / Q5_0 pack their f16 scales in general registers (16"
-    " loads, 4 vmovq); nibbles and Q5's 5th bits move by GFNI / VBMI byte ops; then 8"
+    " the transposes), Q8_0 / Q4_0 / Q5_0 take 2 and pack their f16 scales in general registers"
+    " (16 loads, 4 vmovq); nibbles and Q5's 5th bits move by GFNI / VBMI byte ops; then 8"
     " `vpdpbusd` (512-bit) per block of 16 rows with x's 4 bytes broadcast from memory,"
-    " one convert + FMA per 16 rows, no horizontal"
-    " sums; the group two ahead is prefetched into L2, as the hardware prefetchers follow 16"
-    " strided streams poorly. The same kernel takes 1-8 tokens (server decode batches) and sums"
-    " in the prefill tiles' order, so decode, batched decode and prefill give one token the same"
-    " bits. At one thread the nibble types stay instruction-bound (about 20-28 GB/s per core"
-    " from cache), so"
-    " memory speed needs both cores, and the second thread on this 2-core VM shares them with"
-    " the rest of the machine: Q5_0 and Q5_1 reach 77-98 % of the probe from run to run.",
+    " one convert + FMA per 16 rows, no horizontal sums. The group two ahead is prefetched"
+    " (into L1 on Zen 5, L2 elsewhere), as the hardware prefetchers follow 16 strided streams"
+    " poorly, and each pass's prefetches are spread through it (a K super-block's 36-44 in"
+    " one burst held the miss buffers: Q5_K from RAM 20 -> 28 GB/s a core). The same kernel"
+    " takes 1-8 tokens (server decode batches) and sums in the prefill tiles' order, so"
+    " decode, batched decode and prefill give one token the same bits.",
+    "What limits them here (Zen 5, 2 cores): the access pattern, not instructions. From L2 they"
+    " run 40-50 GB/s a core (the 4096x4096 column, partly cache resident, shows the same), but"
+    " from RAM a core reads 29-34 GB/s, 78-91 % of the probe, against 94-102 % for Q6_K's"
+    " row-at-a-time dot, which reads one linear stream a thread that the hardware prefetchers"
+    " follow. k_quants' row dot for Q4_K / Q5_K measured the same way (same run conditions,"
+    " 1 GiB, 2026-12-04) read 83 / 95 % of the probe at one thread and 101-106 % at two"
+    " against the lanes' 79 / 81 % and 81-85 %, but is 13-26 % slower from cache and would not"
+    " give decode the prefill tiles' bits; the legacy row dot is no faster than the lanes"
+    " from RAM (Q4_0 21 against 30 GB/s at one thread).",
     "Q6_K matvec is the row-at-a-time dot of prima_ref/quants/k_quants.py (its lanes kernel,"
-    " measured slower, about 80 stack spills in its loop, was taken out), about 22 GB/s per"
-    " core from cache; since 2026-12-03 14:10 its software prefetch (8 KB ahead) goes into L2,"
-    " not L1: into L1 it read only 13-15 GB/s a core from DRAM (44-73 % of the probe at two"
-    " threads). Q2_K and Q3_K are instruction-bound (12-16 GB/s a core).",
+    " measured slower on Zen 4, about 80 stack spills in its loop, was taken out); its software"
+    " prefetch (8 KB ahead) goes into L2, not L1: into L1 it read only 13-15 GB/s a core from"
+    " DRAM on Zen 4 (44-73 % of the probe at two threads). Q2_K and Q3_K are instruction-bound.",
     "Matmul above 8 tokens on AVX512-VNNI CPUs (prima_ref/quants/tiled.py; PRIMA_TILED=0 turns"
     " it off; the 64-token column): legacy types and"
     " Q4_K/Q5_K/Q6_K gather 16 weight rows' quants into the 16 lanes of a vector, then run"
@@ -89,11 +95,11 @@ NOTES = [
     " weights x 16 rows and one convert + FMA per block, no horizontal sums. Up to 8 tokens"
     " (decode batches) lanes.py takes them, bit-equal to these tiles.",
     "Big matrices at 2 threads: on this 2-core VM a second thread competes with everything else"
-    " on the machine, and the figures swing by tens of percent between quiet runs (the 20:12"
-    " run of the same kernels read 32-35 GB/s, 93-99 % of a 34.8 GB/s probe, for Q4_0/Q4_1/"
-    "Q5_0); compare runs only with their probe and load lines.",
-    "4096x4096 matrices (9-34 MB) fit partly in the 260 MB L3 of this VM's host, so they can"
-    " beat the DRAM figure; the big matrix is 4x the L3.",
+    " on the machine, and the probe at 2 threads flips between about 40 and 73 GB/s from"
+    " window to window within one run (the kernel's best pass is set against the probe's best"
+    " pass in the same windows); compare runs only with their probe and load lines.",
+    "4096x4096 matrices (9-34 MB) fit partly in the L3 (32 MB on this VM), so they can beat"
+    " the DRAM figure; the big matrix is 32x that L3.",
 ]
 
 
