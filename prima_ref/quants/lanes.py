@@ -188,15 +188,15 @@ class _Rows:
         return _shuffle(b, _shuffle(b, vs[0], vs[1], range(8)),
                         _shuffle(b, vs[2], vs[3], range(8)), range(16))
 
-    def qwords(self):
-        """(low, high) dwords of the qword at byte 0 of each row, as two vectors."""
+    def qwords(self, at):
+        """(low, high) dwords of the qword at byte `at` of each row, as two vectors."""
         b = self.b
         v2 = ir.VectorType(_I64, 2)
         vs = []
         for k in range(8):
             pair = ir.Constant(v2, None)
             for j in range(2):
-                p = b.bitcast(self.ptr(2 * k + j, 0), _I64.as_pointer())
+                p = b.bitcast(self.ptr(2 * k + j, at), _I64.as_pointer())
                 pair = b.insert_element(pair, b.load(p, align=1), ir.Constant(_I32, j))
             vs.append(pair)
         fours = [_shuffle(b, vs[2 * k], vs[2 * k + 1], range(4)) for k in range(4)]
@@ -340,10 +340,10 @@ def _rows(kind: int, n_tok: int):
             qh = rows.dword(base + QH_OFF[kind]) if has_qh else None
             q4 = [rows.dword(base + qs_off + 4 * i) for i in range(GROUPS // 2)]
         else:
-            if has_min and has_qh:  # Q5_1: d, m, qh in the qword at 0
-                head, qh = rows.qwords()
-            elif has_min:  # Q4_1: d, m in the dword at 0
-                head, qh = rows.dwords(0), None
+            if has_min and has_qh:  # Q5_1: d, m, qh in the block's first qword
+                head, qh = rows.qwords(base)
+            elif has_min:  # Q4_1: d, m in the block's first dword
+                head, qh = rows.dwords(base), None
             else:  # d through general registers (below); Q5_0's qh at byte 2
                 head = None
                 qh = rows.dwords(base + QH_OFF[kind]) if has_qh else None
