@@ -179,7 +179,8 @@ _KQ_SLOTS = np.stack([K._slots(t) for t in _KQ_TYPES]).astype(np.int64)  # (5, 2
 _KQ_SUM_LANE = np.stack([K._x_sums(t)[0] for t in _KQ_TYPES]).astype(np.int64)  # (5, 256)
 _KQ_LANES = np.array([K._x_sums(t)[1] for t in _KQ_TYPES], np.int64)  # (5,)
 _KQ_FACTOR = np.array([K._x_sums(t)[2] for t in _KQ_TYPES], np.int64)  # (5,)
-_KQ_IN_LANES = lanes.K_DECODE_KINDS  # Q4_K, Q5_K: the lanes kernels
+# per kind of _KQ_TYPES: its decode runs in the lanes kernels (lanes.K_DECODE_KINDS)
+_KQ_IN_LANES = np.array([int(t) in lanes.K_DECODE_KINDS for t in _KQ_TYPES])  # (5,)
 
 
 @njit(cache=True, inline="always")
@@ -203,7 +204,7 @@ def kq_matvec(raw, kind, x, norm_w, eps, post_w, residual, y):
     if norm_w.shape[0]:
         h = np.empty((1, n), np.float32)
         rms_norm(x.reshape((1, n)), norm_w, eps, h)
-    if _LANES and (kind == _KQ_IN_LANES[0] or kind == _KQ_IN_LANES[1]):  # as k_quants' matvec
+    if _LANES and _KQ_IN_LANES[k]:  # as k_quants' matvec
         xq, xd, xs32, xs16 = lanes.prepare_k(h, 1)
         flat, rb, nsb = raw.reshape(-1), raw.shape[1], n // QK_K
         for g in prange((raw.shape[0] + lanes.ROWS - 1) // lanes.ROWS):

@@ -76,13 +76,22 @@ MAX_TOKENS = 8
 # was up to 2x slower on wide rows (measured before the prefetches were spread); on Zen 5, with
 # them spread (see _frame), a 1 GiB matrix from RAM at 1 and 2 threads read 2-11 % faster
 # with prefetcht0 for every lanes kind (Q8_0, Q4_0, Q4_1, Q5_0, Q4_K, Q5_K; 2026-12-04)
-PREFETCH_LOCALITY = 3 if llvm.get_host_cpu_name() == "znver5" else 1
+_ZEN5 = llvm.get_host_cpu_name() == "znver5"
+PREFETCH_LOCALITY = 3 if _ZEN5 else 1
 PREFETCH_GROUPS = 2
-# the K kinds whose decode products (k_quants' matmul of 1..8 tokens, fused.kq_matvec) run
-# here. Q6_K stays on k_quants' row dot: its lanes kernel, bit-equal too, measured 10-50 %
-# slower (reports/kernels.md 2026-12-03 10:10: 12.0 against 21.6 GB/s at 4096x4096, 1
-# thread; about 80 stack spills in its loop) and was taken out
-K_DECODE_KINDS = (Q4_K, Q5_K)
+# the K kinds these kernels take (matmul_k, rows_k_one), bit-equal to tiled.matmul_k. Q6_K
+# is not one: its lanes kernel, bit-equal too, measured 10-50 % slower than k_quants' row dot
+# (reports/kernels.md 2026-12-03 10:10: 12.0 against 21.6 GB/s at 4096x4096, 1 thread; about
+# 80 stack spills in its loop) and was taken out
+LANES_K_KINDS = (Q4_K, Q5_K)
+# those whose decode products (k_quants' matmul of 1..8 tokens, fused.kq_matvec) run here:
+# none on Zen 5, where k_quants' row dot, one linear stream a thread, reads RAM faster than
+# these 16 strided ones (1 GiB, 8192 columns, best of 6 passes beside a probe at 42-43
+# GB/s, 2 threads, 2026-12-04: Q4_K 41.1 against 33.8 GB/s, Q5_K 42.6 against 35.0; at 1
+# thread 29.1 / 35.1 against 26.4 / 28.1) though 13-26 % slower from cache; what it costs:
+# on Zen 5 a K-quant model's decode no longer gives the prefill tiles' bits (as Q6_K never
+# did)
+K_DECODE_KINDS = () if _ZEN5 else LANES_K_KINDS
 K_BLOCK_BYTES = {Q4_K: 144, Q5_K: 176}
 _V4I32 = ir.VectorType(_I32, 4)
 _ZERO_F, _ZERO_I = ir.Constant(_V16F32, None), ir.Constant(_V16I32, None)
@@ -413,14 +422,14 @@ def rows16(typingctx, kind, n_tok, raw, off, row_bytes, n_valid, n_blocks, qxb, 
            dsxb, padded, ys, y_off, y_stride, n_store):
     """Legacy kinds: activations from prepare(); Q4_K / Q5_K: tiled's Q8_K block-major
     (xq, xd, xs32, xs16) in the same four places, n_blocks counting super-blocks."""
-    for name, lit, allowed in (("kind", kind, KINDS + K_DECODE_KINDS),
+    for name, lit, allowed in (("kind", kind, KINDS + LANES_K_KINDS),
                                ("n_tok", n_tok, range(1, MAX_TOKENS + 1))):
         if not isinstance(lit, types.IntegerLiteral):
             raise errors.RequireLiteralValue(f"rows16: {name} must be a constant")
         if lit.literal_value not in allowed:
             raise errors.TypingError(f"rows16: no kernel for {name}={lit.literal_value}")
     k, n = kind.literal_value, n_tok.literal_value
-    emit = _rows_k(k, n) if k in K_DECODE_KINDS else _rows(k, n)
+    emit = _rows_k(k, n) if k in LANES_K_KINDS else _rows(k, n)
 
     def codegen(context, builder, sig, llargs):
         return emit(context, builder, types.none(*sig.args[2:]), llargs[2:])
@@ -579,7 +588,7 @@ def rows_k_one(kind, flat, off, rb, nv, nsb, xq, xd, xs32, xs16, ys, yo):
     calls, step, rbc, nvc = _calls(off, rb, nv)
     for i in range(calls):
         o, y = off + i * step, yo + i
-        if kind == Q4_K:  # K_DECODE_KINDS
+        if kind == Q4_K:  # LANES_K_KINDS
             rows16(Q4_K, 1, flat, o, rbc, nvc, nsb, xq, xd, xs32, xs16, 1, ys, y, 0, 1)
         else:
             rows16(Q5_K, 1, flat, o, rbc, nvc, nsb, xq, xd, xs32, xs16, 1, ys, y, 0, 1)
