@@ -30,7 +30,7 @@ from gguf import quants as gq
 from gguf.constants import GGMLQuantizationType as T
 
 from prima_ref import membw
-from prima_ref.quants import _FAMILIES, set_num_threads
+from prima_ref.quants import _FAMILIES, lanes, set_num_threads
 from prima_ref.quants.layouts import LAYOUTS, n_cols, row_bytes
 
 REPORT = Path(__file__).resolve().parent.parent / "reports" / "kernels.md"
@@ -62,8 +62,9 @@ SCALE_FIELDS = {T.Q2_K: [80, 82], T.Q3_K: [108], T.Q4_K: [0, 2], T.Q5_K: [0, 2],
 # Why a type falls short of the read bandwidth, from its generated assembly; each family's
 # author keeps their line current.
 NOTES = [
-    "Legacy (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1) and Q4_K / Q5_K matvec on AVX512-VNNI CPUs"
-    " (prima_ref/quants/lanes.py): 16 weight rows in the 16 lanes of a vector. Each row's 16"
+    "Legacy (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1) matvec on AVX512-VNNI CPUs, and Q4_K / Q5_K on"
+    " those but Zen 5 (prima_ref/quants/lanes.py): 16 weight rows in the 16 lanes of a"
+    " vector. Each row's 16"
     " quant bytes are loaded whole and 16 rows x 4 dwords transposed in registers (in-lane"
     " unpacks); Q4_1 / Q5_1 take 4 / 2 blocks a pass (whole quads, their scales come out of"
     " the transposes), Q8_0 / Q4_0 / Q5_0 take 2 and pack their f16 scales in general registers"
@@ -79,11 +80,18 @@ NOTES = [
     " run 40-50 GB/s a core (the 4096x4096 column, partly cache resident, shows the same), but"
     " from RAM a core reads 29-34 GB/s, 78-91 % of the probe, against 94-102 % for Q6_K's"
     " row-at-a-time dot, which reads one linear stream a thread that the hardware prefetchers"
-    " follow. k_quants' row dot for Q4_K / Q5_K measured the same way (same run conditions,"
-    " 1 GiB, 2026-12-04) read 83 / 95 % of the probe at one thread and 101-106 % at two"
-    " against the lanes' 79 / 81 % and 81-85 %, but is 13-26 % slower from cache and would not"
-    " give decode the prefill tiles' bits; the legacy row dot is no faster than the lanes"
-    " from RAM (Q4_0 21 against 30 GB/s at one thread).",
+    " follow. So on Zen 5 Q4_K / Q5_K decode runs k_quants' row dot instead (lanes.K_DECODE_KINDS):"
+    " measured beside the lanes (1 GiB, best of 6 beside the probe, 2026-12-04) it read"
+    " 41.1 / 42.6 GB/s at two threads against their 33.8 / 35.0 (probe 39-42), 29.1 / 35.1"
+    " at one against 26.4 / 28.1, though 13-26 % slower from cache; the cost is that a K-quant"
+    " model's decode no longer has the prefill tiles' bits there, as Q6_K never had. The"
+    " legacy kinds keep the lanes, whose bits decode, batched decode and prefill share: the"
+    " legacy row dot is no faster from RAM (Q4_0 21 against 30 GB/s at one thread). Q8_0 and"
+    " Q4_1 fall short of 85 % at two threads for this reason; prefetch distance (1-4 groups),"
+    " per-row, sparser and finer-spread prefetches, and a two-phase row-linear Q8_0 kernel"
+    " were measured no better (README, session notes). A synthetic read with the same work"
+    " per byte lost 8-12 % from RAM in 16 strided streams against one linear stream, each"
+    " with its best software prefetch.",
     "Q6_K matvec is the row-at-a-time dot of prima_ref/quants/k_quants.py (its lanes kernel,"
     " measured slower on Zen 4, about 80 stack spills in its loop, was taken out); its software"
     " prefetch (8 KB ahead) goes into L2, not L1: into L1 it read only 13-15 GB/s a core from"
@@ -183,6 +191,31 @@ def best_seconds(fn, repeats: int) -> float:
 # --- measurements -------------------------------------------------------------------------------
 
 
+class Repacked:
+    """lanes.matvec_packed, timed over a matrix that run() lanes.repack()ed once beforehand:
+    the legacy kinds with each 16-row group's blocks interleaved (what the product's mapped
+    row-major weights are not yet; see NOTES)."""
+
+    x_quantized = True
+
+    def __init__(self, qtype: T):
+        self.kind, self.block_bytes = int(qtype), LAYOUTS[qtype].type_size
+
+    def layout(self, raw: np.ndarray) -> np.ndarray:
+        return lanes.repack(raw, self.block_bytes)
+
+    def matvec(self, packed: np.ndarray, x: np.ndarray) -> np.ndarray:
+        y = np.empty(packed.shape[0], np.float32)
+        lanes.matvec_packed(packed, self.kind, self.block_bytes, x, y)
+        return y
+
+
+PACKED_TYPES = (T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1)
+
+
+# --- measurements -------------------------------------------------------------------------------
+
+
 def bench_matvec(qtype: T, k, raw: np.ndarray, repeats: int,
                  probe: np.ndarray | None = None) -> dict[int, tuple[float, float | None]]:
     """{threads: (GB/s of weight bytes, GB/s of the RAM probe in the same window)}.
@@ -236,32 +269,40 @@ def run(types: list[T] | None, quick: bool) -> tuple[dict, list[dict], dict, flo
     log(f"read bandwidth over {big_bytes >> 20} MiB ...")
     bw = membw.measure(big_bytes, THREADS, repeats)
     kernels, skipped = available_kernels(types)
-    rows: dict[T, dict] = {}
+    # (row label, type, kernel); each legacy type's repacked layout right after it
+    entries = []
+    for qtype, k in kernels.items():
+        entries.append((qtype.name, qtype, k))
+        if qtype in PACKED_TYPES and lanes.available():
+            entries.append((f"{qtype.name} repacked", qtype, Repacked(qtype)))
+    rows: dict[str, dict] = {}
     probe = membw.make_buffer(big_bytes)  # read between the big-matrix passes
     for rnd in range(big_rounds):
-        for qtype, k in kernels.items():
-            if qtype.name in skipped:
+        for label, qtype, k in entries:
+            if label in skipped:
                 continue
-            log(f"{qtype.name} (round {rnd + 1} of {big_rounds}) ...")
+            log(f"{label} (round {rnd + 1} of {big_rounds}) ...")
             rng = np.random.default_rng(int(qtype))  # the same matrices every round
+            layout = getattr(k, "layout", lambda raw: raw)
             try:
-                big = big_matrix(qtype, big_bytes, BIG_N_COLS, rng)
+                big = layout(big_matrix(qtype, big_bytes, BIG_N_COLS, rng))
                 got = bench_matvec(qtype, k, big, big_repeats, probe)
                 if rnd == 0:
-                    square = sample_rows(qtype, SQUARE, SQUARE, rng)
-                    rows[qtype] = {
-                        "type": qtype.name, "big_mib": big.nbytes >> 20, "big": got,
+                    square = layout(sample_rows(qtype, SQUARE, SQUARE, rng))
+                    rows[label] = {
+                        "type": label, "big_mib": big.nbytes >> 20, "big": got,
                         "square": bench_matvec(qtype, k, square, repeats * 4),
-                        "matmul": bench_matmul(qtype, k, repeats),
+                        "matmul": None if isinstance(k, Repacked) else bench_matmul(qtype, k,
+                                                                                     repeats),
                         "x_quantized": k.x_quantized,
                     }
                 else:  # each side's best pass over the rounds
-                    was = rows[qtype]["big"]
-                    rows[qtype]["big"] = {t: (max(was[t][0], got[t][0]), max(was[t][1], got[t][1]))
+                    was = rows[label]["big"]
+                    rows[label]["big"] = {t: (max(was[t][0], got[t][0]), max(was[t][1], got[t][1]))
                                           for t in THREADS}
             except Exception as e:  # report a broken kernel, keep measuring the others
-                skipped[qtype.name] = f"{type(e).__name__}: {e}"
-                rows.pop(qtype, None)
+                skipped[label] = f"{type(e).__name__}: {e}"
+                rows.pop(label, None)
             finally:
                 big = square = None
     probe = None
@@ -312,9 +353,10 @@ def render(info, load_before, bw, rows, skipped, sgemm, extra, quick) -> str:
                  f"{r['big'][t][1]:.1f})" for t in THREADS]
         cells += [f"{r['square'][t][0]:.1f} ({100 * r['square'][t][0] / ref[t]:.0f} %)"
                   for t in THREADS]
+        mm = ("- | -" if r["matmul"] is None
+              else f"{r['matmul']:.1f} | {100 * r['matmul'] / sgemm:.0f} %")
         lines.append(f"| {r['type']} | {'yes' if r['x_quantized'] else 'no'} | {r['big_mib']} | "
-                     + " | ".join(cells)
-                     + f" | {r['matmul']:.1f} | {100 * r['matmul'] / sgemm:.0f} % |")
+                     + " | ".join(cells) + f" | {mm} |")
     lines += ["", f"numpy float32 sgemm, same shape ({MATMUL_TOKENS}x{MATMUL_COLS} @ "
               f"{MATMUL_COLS}x{MATMUL_ROWS}): {sgemm:.1f} GFLOP/s.", ""]
     lines += ["## What limits the types that fall short", ""] + [f"- {n}" for n in NOTES] + [""]

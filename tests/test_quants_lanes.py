@@ -69,6 +69,44 @@ def test_decode_entry_points_agree_with_each_other_and_llama_cpp(qtype):
 
 
 @needs_lanes
+@pytest.mark.parametrize("qtype", LEGACY, ids=lambda t: t.name)
+@pytest.mark.parametrize("n_rows", [16, 48])
+def test_a_repacked_matrix_gives_the_row_major_bits(qtype, n_rows):
+    """repack interleaves each 16-row group's blocks (a permutation of the bytes: undone by
+    the inverse transpose) and matvec_packed over it gives matvec's bits, hence the prefill
+    tiles'; any bit pattern with finite scales, 5 blocks a row (odd, as a row's next block
+    is 16 blocks on)."""
+    rng = np.random.default_rng(int(qtype) * 13 + n_rows)
+    bb, nb = LAYOUTS[qtype].type_size, 5
+    raw = random_rows(qtype, rng, n_rows, nb)
+    raw.flags.writeable = False
+    packed = lanes.repack(raw, bb)
+    assert packed.shape == raw.shape
+    back = packed.reshape(n_rows // 16, nb, 16, bb).transpose(0, 2, 1, 3).reshape(raw.shape)
+    assert np.array_equal(back, raw)
+    assert np.array_equal(packed[0, :bb], raw[0, :bb])
+    assert np.array_equal(packed[0, bb:2 * bb], raw[1, :bb])  # row 1's block 0 next
+    x = rng.standard_normal(nb * 32).astype(np.float32)
+    ref = tiled.matmul(int(qtype), raw, legacy.prepare_activations(x[None, :]))[0]
+    y = np.full(n_rows, np.nan, np.float32)
+    lanes.matvec_packed(packed, int(qtype), bb, x, y)
+    assert np.array_equal(_bits(y), _bits(ref))
+    assert np.array_equal(_bits(y), _bits(kernels(qtype).matvec(raw, x)))
+
+
+@needs_lanes
+def test_repack_takes_whole_16_row_groups_only():
+    raw = np.zeros((17, 34), np.uint8)
+    with pytest.raises(ValueError, match="16-row groups"):
+        lanes.repack(raw, 34)
+    with pytest.raises(ValueError, match="16-row groups"):
+        lanes.repack(np.zeros((16, 35), np.uint8), 34)
+    with pytest.raises(ValueError, match="16-row groups"):
+        lanes.matvec_packed(raw, int(T.Q8_0), 34, np.zeros(32, np.float32),
+                            np.zeros(17, np.float32))
+
+
+@needs_lanes
 @pytest.mark.parametrize("qtype", [T.Q4_K, T.Q5_K], ids=lambda t: t.name)
 @pytest.mark.parametrize("n_rows", [1, 15, 37])
 def test_k_quant_decode_equals_the_prefill_tiles_bit_for_bit(qtype, n_rows):

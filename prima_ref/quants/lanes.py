@@ -79,6 +79,9 @@ MAX_TOKENS = 8
 _ZEN5 = llvm.get_host_cpu_name() == "znver5"
 PREFETCH_LOCALITY = 3 if _ZEN5 else 1
 PREFETCH_GROUPS = 2
+# over a repack()ed matrix (one linear stream a thread): prefetch this far ahead, as
+# k_quants' row dot does
+PACKED_PREFETCH_BYTES = 8192
 # the K kinds these kernels take (matmul_k, rows_k_one), bit-equal to tiled.matmul_k. Q6_K
 # is not one: its lanes kernel, bit-equal too, measured 10-50 % slower than k_quants' row dot
 # (reports/kernels.md 2026-12-03 10:10: 12.0 against 21.6 GB/s at 4096x4096, 1 thread; about
@@ -215,7 +218,7 @@ class _Rows:
                 _shuffle(b, d[0], d[1], range(1, 32, 2)))
 
 
-def _frame(block_bytes: int, n_tok: int, elems, body, step: int = 1):
+def _frame(block_bytes: int, n_tok: int, elems, body, step: int = 1, packed: bool = False):
     """Code of an intrinsic (raw, off, row_bytes, n_valid, n_blocks, 4 activation arrays (elems
     their element types), padded, ys, y_off, y_stride, n_store): the loop over the (super-)
     blocks of the n_valid rows from byte off (row r at off + r * row_bytes; with n_valid < 16
@@ -223,7 +226,9 @@ def _frame(block_bytes: int, n_tok: int, elems, body, step: int = 1):
     accumulators, body(b, blk, k, rows, accs, xptrs, padded, fma, prefetch) -> the
     accumulators after the k blocks from block blk (k = step, then 1 for the blocks left;
     prefetch(part, parts) emits that share of the iteration's prefetches, part 0 first), then
-    ys[y_off + t * y_stride + r] = accumulator t, lane r, for t < n_store."""
+    ys[y_off + t * y_stride + r] = accumulator t, lane r, for t < n_store. packed: the rows
+    are repack()ed, the group's block j at off + j * 16 * block_bytes, row r of it at
+    r * block_bytes (row_bytes is not read; n_valid must be 16)."""
 
     def codegen(context, builder, sig, args):
         b = builder
@@ -233,6 +238,8 @@ def _frame(block_bytes: int, n_tok: int, elems, body, step: int = 1):
         yp = _data(context, b, sig.args[10], args[10], _F32)
         off, rb, nv, nb, padded, yo, ys, n_store = (
             context.cast(b, args[i], sig.args[i], types.int64) for i in (1, 2, 3, 4, 9, 11, 12, 13))
+        if packed:  # row r of a block at r * block_bytes; 16 rows a group, no shift
+            rb = i64(block_bytes)
         # a tail group (nv < 16 rows) is shifted back over rows of the group before it, whose
         # lanes are then not stored: every group reads 16 whole rows (callers pad matrices of
         # fewer than 16 rows), so row r sits at r * row_bytes from one per-block pointer
@@ -259,14 +266,17 @@ def _frame(block_bytes: int, n_tok: int, elems, body, step: int = 1):
             it = b.phi(_I64)
             accs = [b.phi(_V16F32) for _ in range(n_tok)]
             blk = b.add(start, b.mul(it, i64(k)))
-            p0 = _opaque(b, b.gep(rawp, [b.add(first, b.mul(blk, i64(block_bytes)))]))
+            stride = ROWS * block_bytes if packed else block_bytes
+            p0 = _opaque(b, b.gep(rawp, [b.add(first, b.mul(blk, i64(stride)))]))
             rows = _Rows(b, p0, _opaque(b, b.gep(p0, [rb8])), offs)
             # the rows of one group are 16 * row_bytes contiguous bytes, read as 16 strided
             # streams at a time, which the hardware prefetchers follow poorly (short rows: not
             # at all): fetch the group PREFETCH_GROUPS ahead at the same pace (16 blocks a
             # block)
-            ahead = b.add(b.add(first, b.mul(rb, i64(ROWS * PREFETCH_GROUPS))),
-                          b.mul(blk, i64(ROWS * block_bytes)))
+            # (packed: one linear stream, fetched PACKED_PREFETCH_BYTES ahead)
+            lead = (i64(PACKED_PREFETCH_BYTES) if packed
+                    else b.mul(rb, i64(ROWS * PREFETCH_GROUPS)))
+            ahead = b.add(b.add(first, lead), b.mul(blk, i64(ROWS * block_bytes)))
             lines = range(0, ROWS * block_bytes * k, 64)
 
             def prefetch(part, parts):
@@ -324,10 +334,10 @@ def _frame(block_bytes: int, n_tok: int, elems, body, step: int = 1):
     return codegen
 
 
-def _rows(kind: int, n_tok: int):
-    """Code of rows16 (legacy kinds): activations qxb, dxb, nsxb, dsxb block-major (see
-    prepare); ys[.. t, r] = sum over blocks of d_r dx_t (u_r . qx_t + (-sx_t << k)) (+ m_r
-    s_t with a min)."""
+def _rows(kind: int, n_tok: int, packed: bool = False):
+    """Code of rows16 (legacy kinds; packed: rows16_packed): activations qxb, dxb, nsxb, dsxb
+    block-major (see prepare); ys[.. t, r] = sum over blocks of d_r dx_t (u_r . qx_t +
+    (-sx_t << k)) (+ m_r s_t with a min)."""
     qs_off, has_min, has_qh = QS_OFF[kind], HAS_MIN[kind], HAS_QH[kind]
     c = lambda v: _const16([v] * 16)  # noqa: E731
 
@@ -340,6 +350,8 @@ def _rows(kind: int, n_tok: int):
     # then come in two shares (see _frame), 1 GiB from RAM at 1 thread +3-9 % (2026-12-04, Zen
     # 5; from L2 +3 % Q4_0, +11 % Q5_0); 4 blocks (Q8_0) measured 38 % slower
     step = {Q4_1: 4, Q5_1: 2, Q8_0: 2, Q4_0: 2, Q5_0: 2}.get(kind, 1)
+    if packed:  # a row's next block is 16 blocks on: one block an iteration
+        step = 1
 
     def weights(b, rows, base, k):
         """(wv, dv, mv) of the block at byte `base` of the rows' pointer (k: blocks in this
@@ -389,7 +401,7 @@ def _rows(kind: int, n_tok: int):
             accs = new
         return accs
 
-    return _frame(bb, n_tok, (_I32, _F32, _I32, _F32), body, step)
+    return _frame(bb, n_tok, (_I32, _F32, _I32, _F32), body, step, packed)
 
 
 def _rows_k(kind: int, n_tok: int):
@@ -417,19 +429,38 @@ def _rows_k(kind: int, n_tok: int):
     return _frame(K_BLOCK_BYTES[kind], n_tok, (_I32, _F32, _F32, _I32), body)
 
 
+def _literals(what, kind, n_tok, kinds):
+    """(kind, n_tok) of an intrinsic's call, both constants, kind one of kinds."""
+    for name, lit, allowed in (("kind", kind, kinds), ("n_tok", n_tok, range(1, MAX_TOKENS + 1))):
+        if not isinstance(lit, types.IntegerLiteral):
+            raise errors.RequireLiteralValue(f"{what}: {name} must be a constant")
+        if lit.literal_value not in allowed:
+            raise errors.TypingError(f"{what}: no kernel for {name}={lit.literal_value}")
+    return kind.literal_value, n_tok.literal_value
+
+
 @intrinsic
 def rows16(typingctx, kind, n_tok, raw, off, row_bytes, n_valid, n_blocks, qxb, dxb, nsxb,
            dsxb, padded, ys, y_off, y_stride, n_store):
     """Legacy kinds: activations from prepare(); Q4_K / Q5_K: tiled's Q8_K block-major
     (xq, xd, xs32, xs16) in the same four places, n_blocks counting super-blocks."""
-    for name, lit, allowed in (("kind", kind, KINDS + LANES_K_KINDS),
-                               ("n_tok", n_tok, range(1, MAX_TOKENS + 1))):
-        if not isinstance(lit, types.IntegerLiteral):
-            raise errors.RequireLiteralValue(f"rows16: {name} must be a constant")
-        if lit.literal_value not in allowed:
-            raise errors.TypingError(f"rows16: no kernel for {name}={lit.literal_value}")
-    k, n = kind.literal_value, n_tok.literal_value
+    k, n = _literals("rows16", kind, n_tok, KINDS + LANES_K_KINDS)
     emit = _rows_k(k, n) if k in LANES_K_KINDS else _rows(k, n)
+
+    def codegen(context, builder, sig, llargs):
+        return emit(context, builder, types.none(*sig.args[2:]), llargs[2:])
+
+    return types.none(kind, n_tok, raw, off, row_bytes, n_valid, n_blocks, qxb, dxb, nsxb,
+                      dsxb, padded, ys, y_off, y_stride, n_store), codegen
+
+
+@intrinsic
+def rows16_packed(typingctx, kind, n_tok, raw, off, row_bytes, n_valid, n_blocks, qxb, dxb,
+                  nsxb, dsxb, padded, ys, y_off, y_stride, n_store):
+    """rows16 over a repack()ed legacy matrix from group byte `off` (n_valid 16; row_bytes
+    not read): the same bits as rows16 over the rows it was made from."""
+    k, n = _literals("rows16_packed", kind, n_tok, KINDS)
+    emit = _rows(k, n, packed=True)
 
     def codegen(context, builder, sig, llargs):
         return emit(context, builder, types.none(*sig.args[2:]), llargs[2:])
@@ -566,6 +597,54 @@ def matvec(raw, kind, block_bytes, x, y):
         r0 = g * ROWS
         rows_one(kind, flat, r0 * rb, rb, min(ROWS, n_rows - r0), nb, qxb, dxb, nsxb, dsxb,
                  y, r0)
+
+
+# --- repacked legacy matrices: each 16-row group's blocks interleaved -------------------------
+
+
+def repack(raw: np.ndarray, block_bytes: int) -> np.ndarray:
+    """A copy of a legacy matrix's (n_rows, row_bytes) bytes with each group of 16 rows
+    interleaved block by block: group g's block j of row r at byte (g * n_blocks + j) * 16 *
+    block_bytes + r * block_bytes of the same-shaped result. matvec_packed then reads each
+    thread's share as one linear stream, which this machine's prefetchers follow, where the
+    16 strided streams of the row-major layout read 80-88 % of a linear read from RAM (see
+    bench/kernels.py NOTES). n_rows must be a multiple of 16."""
+    n_rows, rb = raw.shape
+    if n_rows % ROWS or rb % block_bytes:
+        raise ValueError(f"repack: {n_rows} rows of {rb} bytes is not whole 16-row groups "
+                         f"of {block_bytes}-byte blocks")
+    nb = rb // block_bytes
+    groups = raw.reshape(n_rows // ROWS, ROWS, nb, block_bytes)
+    return np.ascontiguousarray(groups.transpose(0, 2, 1, 3)).reshape(n_rows, rb)
+
+
+@njit(cache=True, inline="always")
+def rows_one_packed(kind, flat, off, nb, qxb, dxb, nsxb, dsxb, ys, yo):
+    """rows16_packed for one token, one 16-row group, a kind known at run time."""
+    if kind == Q8_0:
+        rows16_packed(Q8_0, 1, flat, off, 0, ROWS, nb, qxb, dxb, nsxb, dsxb, 1, ys, yo, 0, 1)
+    elif kind == Q4_0:
+        rows16_packed(Q4_0, 1, flat, off, 0, ROWS, nb, qxb, dxb, nsxb, dsxb, 1, ys, yo, 0, 1)
+    elif kind == Q4_1:
+        rows16_packed(Q4_1, 1, flat, off, 0, ROWS, nb, qxb, dxb, nsxb, dsxb, 1, ys, yo, 0, 1)
+    elif kind == Q5_0:
+        rows16_packed(Q5_0, 1, flat, off, 0, ROWS, nb, qxb, dxb, nsxb, dsxb, 1, ys, yo, 0, 1)
+    else:
+        rows16_packed(Q5_1, 1, flat, off, 0, ROWS, nb, qxb, dxb, nsxb, dsxb, 1, ys, yo, 0, 1)
+
+
+@njit(cache=True, parallel=True)
+def matvec_packed(packed, kind, block_bytes, x, y):
+    """y = W x from repack(W)'s bytes: bit-equal to matvec(W, ...)."""
+    qxb, dxb, nsxb, dsxb = prepare(x.reshape((1, x.shape[0])), np.empty(0, np.float32),
+                                   np.float32(0), 1)
+    n_rows, rb = packed.shape
+    if n_rows % ROWS:
+        raise ValueError("matvec_packed: a repacked matrix has whole 16-row groups")
+    nb = rb // block_bytes
+    flat = packed.reshape(-1)
+    for g in prange(n_rows // ROWS):
+        rows_one_packed(kind, flat, g * ROWS * rb, nb, qxb, dxb, nsxb, dsxb, y, g * ROWS)
 
 
 @njit(cache=True, inline="always")
