@@ -390,7 +390,11 @@ def test_planner_figures_split_real_generation_steps_into_layers_and_the_rest(sm
     # the pieces timed alone price the same code: within 2x of the real steps
     assert ours.mix_layer_ms / 2 < ours.layer_ms < ours.mix_layer_ms * 2
     pieces_fixed = ours.head_ms.mean + ours.sample_ms.mean
-    assert pieces_fixed / 2 < ours.fixed_ms < pieces_fixed * 2
+    # within 3x: timed alone, back to back, the head reads its 30 MB matrix (SmolLM2's Q8_0
+    # token_embd) from an L3 of about that size (32 MB on the Zen 5 CI host), where in a step
+    # the layers' weights have evicted it: in-step / alone measured 1.68-2.43 there
+    # (2026-12-04; four runs), so 2x failed about one CI run in three
+    assert pieces_fixed / 3 < ours.fixed_ms < pieces_fixed * 3
     # over the byte cap only the pieces are timed, and they are what the planner gets
     small = decode_profile(smollm2_path, threads=1, repeats=1, max_bytes=8 << 20,
                            min_seconds=0.05)

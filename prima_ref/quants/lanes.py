@@ -18,6 +18,12 @@ Integers, scales and float order are ``tiled``'s: per block d_r * dx_t, one FMA 
 converted integer dot (seeded with -k * sum(qx) for the types without a min), then m_r * s_t
 for the types with one, blocks in order. So ys is bit-identical to ``tiled.matmul`` on the
 same activations, whatever n.
+
+Over row-major bytes a group's 16 rows are 16 strided streams, which read RAM at 80-90 % of a
+linear read on the Zen 5 host measured (reports/streams.md); ``repack`` interleaves each group
+block by block so that ``matvec_packed``, the same code, reads one linear stream (101-116 % of
+the probe at 2 threads, reports/kernels.md), bit-equal. The engine does not map repacked
+weights yet.
 """
 
 from __future__ import annotations
