@@ -86,12 +86,13 @@ NOTES = [
     " lanes' prefetch read 79-86 % of the probe, one linear stream prefetched 8 KB ahead"
     " 97-98 %; with no software prefetch the hardware follows 16 rows at 90-93 % while"
     " nothing else runs, but at 74-91 % once there is work between the loads.",
-    "The '<type> repacked' rows are the same lanes kernels (lanes.matvec_packed) over"
-    " lanes.repack()ed bytes: each 16-row group's blocks interleaved, so a thread reads one"
-    " linear stream prefetched 8 KB ahead; bit-equal to the row-major kernel. The engine still"
-    " maps the GGUF's row-major bytes and does not use this layout yet (its prefill tiles, GPU"
-    " upload and mmap'd lazy loading read row-major), so the plain rows are what decode gets"
-    " today.",
+    "The '<type> repacked' rows are the same lanes kernels (lanes.matvec_packed; matmul:"
+    " lanes.matmul_packed, the 1-8 token kernels 8 tokens a pass) over lanes.repack()ed"
+    " bytes: each 16-row group's blocks interleaved, so a thread reads one linear stream"
+    " prefetched 8 KB ahead; bit-equal to the row-major kernel and the prefill tiles. The"
+    " engine still maps the GGUF's row-major bytes and does not use this layout yet (its"
+    " prefill tiles, GPU upload and mmap'd lazy loading read row-major), so the plain rows"
+    " are what decode gets today.",
     "Q4_K / Q5_K decode on Zen 5 runs k_quants' row dot instead of the lanes"
     " (lanes.K_DECODE_KINDS): measured beside them (1 GiB, best of 6 beside the probe,"
     " 2026-12-04) it read 41.1 / 42.6 GB/s at two threads against the lanes' 33.8 / 35.0"
@@ -217,6 +218,9 @@ class Repacked:
         lanes.matvec_packed(packed, self.kind, self.block_bytes, x, y)
         return y
 
+    def matmul(self, packed: np.ndarray, xs: np.ndarray) -> np.ndarray:
+        return lanes.matmul_packed(self.kind, packed, xs)
+
 
 PACKED_TYPES = (T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1)
 
@@ -254,7 +258,7 @@ def bench_matvec(qtype: T, k, raw: np.ndarray, repeats: int,
 def bench_matmul(qtype: T, k, repeats: int) -> float:
     """GFLOP/s of ys = xs @ W.T at MATMUL_TOKENS tokens, all threads."""
     rng = np.random.default_rng(2)
-    raw = sample_rows(qtype, MATMUL_ROWS, MATMUL_COLS, rng)
+    raw = getattr(k, "layout", lambda r: r)(sample_rows(qtype, MATMUL_ROWS, MATMUL_COLS, rng))
     xs = rng.standard_normal((MATMUL_TOKENS, MATMUL_COLS)).astype(np.float32)
     set_num_threads(max(THREADS))
     seconds = best_seconds(lambda: k.matmul(raw, xs), repeats)
@@ -300,8 +304,7 @@ def run(types: list[T] | None, quick: bool) -> tuple[dict, list[dict], dict, flo
                     rows[label] = {
                         "type": label, "big_mib": big.nbytes >> 20, "big": got,
                         "square": bench_matvec(qtype, k, square, repeats * 4),
-                        "matmul": None if isinstance(k, Repacked) else bench_matmul(qtype, k,
-                                                                                     repeats),
+                        "matmul": bench_matmul(qtype, k, repeats),
                         "x_quantized": k.x_quantized,
                     }
                 else:  # each side's best pass over the rounds
@@ -361,10 +364,9 @@ def render(info, load_before, bw, rows, skipped, sgemm, extra, quick) -> str:
                  f"{r['big'][t][1]:.1f})" for t in THREADS]
         cells += [f"{r['square'][t][0]:.1f} ({100 * r['square'][t][0] / ref[t]:.0f} %)"
                   for t in THREADS]
-        mm = ("- | -" if r["matmul"] is None
-              else f"{r['matmul']:.1f} | {100 * r['matmul'] / sgemm:.0f} %")
         lines.append(f"| {r['type']} | {'yes' if r['x_quantized'] else 'no'} | {r['big_mib']} | "
-                     + " | ".join(cells) + f" | {mm} |")
+                     + " | ".join(cells)
+                     + f" | {r['matmul']:.1f} | {100 * r['matmul'] / sgemm:.0f} % |")
     lines += ["", f"numpy float32 sgemm, same shape ({MATMUL_TOKENS}x{MATMUL_COLS} @ "
               f"{MATMUL_COLS}x{MATMUL_ROWS}): {sgemm:.1f} GFLOP/s.", ""]
     lines += ["## What limits the types that fall short", ""] + [f"- {n}" for n in NOTES] + [""]

@@ -73,9 +73,9 @@ def test_decode_entry_points_agree_with_each_other_and_llama_cpp(qtype):
 @pytest.mark.parametrize("n_rows", [16, 48])
 def test_a_repacked_matrix_gives_the_row_major_bits(qtype, n_rows):
     """repack interleaves each 16-row group's blocks (a permutation of the bytes: undone by
-    the inverse transpose) and matvec_packed over it gives matvec's bits, hence the prefill
-    tiles'; any bit pattern with finite scales, 5 blocks a row (odd, as a row's next block
-    is 16 blocks on)."""
+    the inverse transpose), and matvec_packed / matmul_packed (any token count, 8 a pass) over
+    it give matvec's and the prefill tiles' bits; any bit pattern with finite scales, 5 blocks
+    a row (odd, as a row's next block is 16 blocks on)."""
     rng = np.random.default_rng(int(qtype) * 13 + n_rows)
     bb, nb = LAYOUTS[qtype].type_size, 5
     raw = random_rows(qtype, rng, n_rows, nb)
@@ -92,6 +92,11 @@ def test_a_repacked_matrix_gives_the_row_major_bits(qtype, n_rows):
     lanes.matvec_packed(packed, int(qtype), bb, x, y)
     assert np.array_equal(_bits(y), _bits(ref))
     assert np.array_equal(_bits(y), _bits(kernels(qtype).matvec(raw, x)))
+    xs = rng.standard_normal((19, nb * 32)).astype(np.float32)
+    ref = tiled.matmul(int(qtype), raw, legacy.prepare_activations(xs))  # (19, n_rows)
+    for n in (1, 3, 8, 19):  # the 1-, 4- and 8-token kernels; 19 = 8 + 8 + 3 (padded to 4)
+        got = lanes.matmul_packed(int(qtype), packed, xs[:n])
+        assert np.array_equal(_bits(got), _bits(ref[:n])), n
 
 
 @needs_lanes
@@ -104,6 +109,11 @@ def test_repack_takes_whole_16_row_groups_only():
     with pytest.raises(ValueError, match="16-row groups"):
         lanes.matvec_packed(raw, int(T.Q8_0), 34, np.zeros(32, np.float32),
                             np.zeros(17, np.float32))
+    with pytest.raises(ValueError, match="16-row groups"):
+        lanes.matmul_packed(int(T.Q8_0), raw, np.zeros((2, 32), np.float32))
+    with pytest.raises(ValueError, match="34-byte rows"):
+        lanes.matmul_packed(int(T.Q8_0), np.zeros((16, 34), np.uint8),
+                            np.zeros((2, 64), np.float32))
 
 
 @needs_lanes

@@ -654,6 +654,61 @@ def matvec_packed(packed, kind, block_bytes, x, y):
 
 
 @njit(cache=True, inline="always")
+def rows_n_packed(kind, n, n_pad, flat, off, nb, qxb, dxb, nsxb, dsxb, ys, yo, ystride):
+    """rows16_packed for a constant kind, one 16-row group, n tokens stored of n_pad (1, 2, 4
+    or 8) computed."""
+    if n_pad == 1:
+        rows16_packed(kind, 1, flat, off, 0, ROWS, nb, qxb, dxb, nsxb, dsxb, 1, ys, yo, ystride, n)
+    elif n_pad == 2:
+        rows16_packed(kind, 2, flat, off, 0, ROWS, nb, qxb, dxb, nsxb, dsxb, 2, ys, yo, ystride, n)
+    elif n_pad == 4:
+        rows16_packed(kind, 4, flat, off, 0, ROWS, nb, qxb, dxb, nsxb, dsxb, 4, ys, yo, ystride, n)
+    else:
+        rows16_packed(kind, 8, flat, off, 0, ROWS, nb, qxb, dxb, nsxb, dsxb, 8, ys, yo, ystride, n)
+
+
+def _compile_packed(kind: int):
+    """ys (n, n_rows) = xs W^T from repack(W)'s bytes, any n, 8 tokens a pass."""
+    bb = BLOCK_BYTES[kind]
+
+    @njit(cache=True, parallel=True)
+    def matmul(packed, xs, ys):
+        n_tok, n_rows = ys.shape
+        rb = packed.shape[1]
+        flat, yf = packed.reshape(-1), ys.reshape(-1)
+        for c0 in range(0, n_tok, MAX_TOKENS):
+            n = min(MAX_TOKENS, n_tok - c0)
+            n_pad = 1 if n <= 1 else 2 if n == 2 else 4 if n <= 4 else 8  # padded_tokens
+            qxb, dxb, nsxb, dsxb = prepare(xs[c0:c0 + n], np.empty(0, np.float32),
+                                           np.float32(0), n_pad)
+            for g in prange(n_rows // ROWS):
+                rows_n_packed(kind, n, n_pad, flat, g * ROWS * rb, rb // bb, qxb, dxb, nsxb,
+                              dsxb, yf, c0 * n_rows + g * ROWS, n_rows)
+
+    return matmul
+
+
+_PACKED_KERNELS: dict = {}
+
+
+def matmul_packed(kind: int, packed: np.ndarray, xs: np.ndarray) -> np.ndarray:
+    """ys (n, n_rows) = xs @ W.T from repack(W, ...)'s bytes for a legacy kind and any number
+    of tokens, 8 a pass (the 1-8 token kernels): bit-equal to tiled.matmul over W's rows."""
+    if kind not in KINDS:
+        raise ValueError(f"matmul_packed: no kernel for ggml type {kind}")
+    if packed.shape[0] % ROWS:
+        raise ValueError("matmul_packed: a repacked matrix has whole 16-row groups")
+    if xs.ndim != 2 or xs.shape[1] != packed.shape[1] // BLOCK_BYTES[kind] * QK:
+        raise ValueError(f"matmul_packed: xs {xs.shape} against {packed.shape[1]}-byte rows")
+    fn = _PACKED_KERNELS.get(kind)
+    if fn is None:
+        fn = _PACKED_KERNELS[kind] = _compile_packed(kind)
+    ys = np.empty((xs.shape[0], packed.shape[0]), np.float32)
+    fn(packed, np.ascontiguousarray(xs, np.float32), ys)
+    return ys
+
+
+@njit(cache=True, inline="always")
 def prepare_k(h, padded):
     """h (n, n_cols) as Q8_K activations block-major for `padded` >= n tokens (tiled's layout:
     xq, xd, xs32, xs16), in plain loops (see prepare)."""
