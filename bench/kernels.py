@@ -86,8 +86,8 @@ NOTES = [
     " lanes' prefetch read 79-86 % of the probe, one linear stream prefetched 8 KB ahead"
     " 97-98 %; with no software prefetch the hardware follows 16 rows at 90-93 % while"
     " nothing else runs, but at 74-91 % once there is work between the loads.",
-    "The '<type> repacked' rows are the same lanes kernels (lanes.matvec_packed; matmul:"
-    " lanes.matmul_packed, the 1-8 token kernels 8 tokens a pass) over lanes.repack()ed"
+    "The '<type> repacked' rows are the same lanes kernels (lanes.matmul_packed: the 1-8"
+    " token kernels, 8 tokens a pass; matvec: one token) over lanes.repack()ed"
     " bytes: each 16-row group's blocks interleaved, so a thread reads one linear stream"
     " prefetched 8 KB ahead; bit-equal to the row-major kernel and the prefill tiles. The"
     " engine still maps the GGUF's row-major bytes and does not use this layout yet (its"
@@ -201,7 +201,7 @@ def best_seconds(fn, repeats: int) -> float:
 
 
 class Repacked:
-    """lanes.matvec_packed, timed over a matrix that run() lanes.repack()ed once beforehand:
+    """lanes.matmul_packed, timed over a matrix that run() lanes.repack()ed once beforehand:
     the legacy kinds with each 16-row group's blocks interleaved (what the product's mapped
     row-major weights are not yet; see NOTES)."""
 
@@ -214,9 +214,7 @@ class Repacked:
         return lanes.repack(raw, self.block_bytes)
 
     def matvec(self, packed: np.ndarray, x: np.ndarray) -> np.ndarray:
-        y = np.empty(packed.shape[0], np.float32)
-        lanes.matvec_packed(packed, self.kind, self.block_bytes, x, y)
-        return y
+        return lanes.matmul_packed(self.kind, packed, x[None, :])[0]
 
     def matmul(self, packed: np.ndarray, xs: np.ndarray) -> np.ndarray:
         return lanes.matmul_packed(self.kind, packed, xs)

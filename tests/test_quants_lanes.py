@@ -73,8 +73,8 @@ def test_decode_entry_points_agree_with_each_other_and_llama_cpp(qtype):
 @pytest.mark.parametrize("n_rows", [16, 48])
 def test_a_repacked_matrix_gives_the_row_major_bits(qtype, n_rows):
     """repack interleaves each 16-row group's blocks (a permutation of the bytes: undone by
-    the inverse transpose), and matvec_packed / matmul_packed (any token count, 8 a pass) over
-    it give matvec's and the prefill tiles' bits; any bit pattern with finite scales, 5 blocks
+    the inverse transpose), and matmul_packed (any token count, 8 a pass) over it gives
+    matvec's and the prefill tiles' bits; any bit pattern with finite scales, 5 blocks
     a row (odd, as a row's next block is 16 blocks on)."""
     rng = np.random.default_rng(int(qtype) * 13 + n_rows)
     bb, nb = LAYOUTS[qtype].type_size, 5
@@ -88,8 +88,7 @@ def test_a_repacked_matrix_gives_the_row_major_bits(qtype, n_rows):
     assert np.array_equal(packed[0, bb:2 * bb], raw[1, :bb])  # row 1's block 0 next
     x = rng.standard_normal(nb * 32).astype(np.float32)
     ref = tiled.matmul(int(qtype), raw, legacy.prepare_activations(x[None, :]))[0]
-    y = np.full(n_rows, np.nan, np.float32)
-    lanes.matvec_packed(packed, int(qtype), bb, x, y)
+    y = lanes.matmul_packed(int(qtype), packed, x[None, :])[0]
     assert np.array_equal(_bits(y), _bits(ref))
     assert np.array_equal(_bits(y), _bits(kernels(qtype).matvec(raw, x)))
     xs = rng.standard_normal((19, nb * 32)).astype(np.float32)
@@ -106,9 +105,6 @@ def test_repack_takes_whole_16_row_groups_only():
         lanes.repack(raw, 34)
     with pytest.raises(ValueError, match="16-row groups"):
         lanes.repack(np.zeros((16, 35), np.uint8), 34)
-    with pytest.raises(ValueError, match="16-row groups"):
-        lanes.matvec_packed(raw, int(T.Q8_0), 34, np.zeros(32, np.float32),
-                            np.zeros(17, np.float32))
     with pytest.raises(ValueError, match="16-row groups"):
         lanes.matmul_packed(int(T.Q8_0), raw, np.zeros((2, 32), np.float32))
     with pytest.raises(ValueError, match="34-byte rows"):

@@ -21,7 +21,7 @@ same activations, whatever n.
 
 Over row-major bytes a group's 16 rows are 16 strided streams, which read RAM at 80-90 % of a
 linear read on the Zen 5 host measured (reports/streams.md); ``repack`` interleaves each group
-block by block so that ``matvec_packed``, the same code, reads one linear stream (101-116 % of
+block by block so that ``matmul_packed``, the same code, reads one linear stream (101-116 % of
 the probe at 2 threads, reports/kernels.md), bit-equal. The engine does not map repacked
 weights yet.
 """
@@ -611,7 +611,7 @@ def matvec(raw, kind, block_bytes, x, y):
 def repack(raw: np.ndarray, block_bytes: int) -> np.ndarray:
     """A copy of a legacy matrix's (n_rows, row_bytes) bytes with each group of 16 rows
     interleaved block by block: group g's block j of row r at byte (g * n_blocks + j) * 16 *
-    block_bytes + r * block_bytes of the same-shaped result. matvec_packed then reads each
+    block_bytes + r * block_bytes of the same-shaped result. matmul_packed then reads each
     thread's share as one linear stream, which this machine's prefetchers follow, where the
     16 strided streams of the row-major layout read 80-88 % of a linear read from RAM (see
     bench/kernels.py NOTES). n_rows must be a multiple of 16."""
@@ -622,35 +622,6 @@ def repack(raw: np.ndarray, block_bytes: int) -> np.ndarray:
     nb = rb // block_bytes
     groups = raw.reshape(n_rows // ROWS, ROWS, nb, block_bytes)
     return np.ascontiguousarray(groups.transpose(0, 2, 1, 3)).reshape(n_rows, rb)
-
-
-@njit(cache=True, inline="always")
-def rows_one_packed(kind, flat, off, nb, qxb, dxb, nsxb, dsxb, ys, yo):
-    """rows16_packed for one token, one 16-row group, a kind known at run time."""
-    if kind == Q8_0:
-        rows16_packed(Q8_0, 1, flat, off, 0, ROWS, nb, qxb, dxb, nsxb, dsxb, 1, ys, yo, 0, 1)
-    elif kind == Q4_0:
-        rows16_packed(Q4_0, 1, flat, off, 0, ROWS, nb, qxb, dxb, nsxb, dsxb, 1, ys, yo, 0, 1)
-    elif kind == Q4_1:
-        rows16_packed(Q4_1, 1, flat, off, 0, ROWS, nb, qxb, dxb, nsxb, dsxb, 1, ys, yo, 0, 1)
-    elif kind == Q5_0:
-        rows16_packed(Q5_0, 1, flat, off, 0, ROWS, nb, qxb, dxb, nsxb, dsxb, 1, ys, yo, 0, 1)
-    else:
-        rows16_packed(Q5_1, 1, flat, off, 0, ROWS, nb, qxb, dxb, nsxb, dsxb, 1, ys, yo, 0, 1)
-
-
-@njit(cache=True, parallel=True)
-def matvec_packed(packed, kind, block_bytes, x, y):
-    """y = W x from repack(W)'s bytes: bit-equal to matvec(W, ...)."""
-    qxb, dxb, nsxb, dsxb = prepare(x.reshape((1, x.shape[0])), np.empty(0, np.float32),
-                                   np.float32(0), 1)
-    n_rows, rb = packed.shape
-    if n_rows % ROWS:
-        raise ValueError("matvec_packed: a repacked matrix has whole 16-row groups")
-    nb = rb // block_bytes
-    flat = packed.reshape(-1)
-    for g in prange(n_rows // ROWS):
-        rows_one_packed(kind, flat, g * ROWS * rb, nb, qxb, dxb, nsxb, dsxb, y, g * ROWS)
 
 
 @njit(cache=True, inline="always")
@@ -693,7 +664,8 @@ _PACKED_KERNELS: dict = {}
 
 def matmul_packed(kind: int, packed: np.ndarray, xs: np.ndarray) -> np.ndarray:
     """ys (n, n_rows) = xs @ W.T from repack(W, ...)'s bytes for a legacy kind and any number
-    of tokens, 8 a pass (the 1-8 token kernels): bit-equal to tiled.matmul over W's rows."""
+    of tokens, 8 a pass (the 1-8 token kernels; one token: the matvec): bit-equal to
+    tiled.matmul over W's rows, so to lanes.matvec's too."""
     if kind not in KINDS:
         raise ValueError(f"matmul_packed: no kernel for ggml type {kind}")
     if packed.shape[0] % ROWS:
