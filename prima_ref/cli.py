@@ -59,11 +59,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dump-logits", metavar="NPZ", help="save the prompt, tokens and the logits "
                    "before each sampled token (for comparing runs)")
     p.add_argument("--version", action="version", version=_version_string())
+    add_repack_flag(p)
     _ring_flags(p.add_argument_group("ring (prima.cpp's distributed flags)"))
     from prima_ref.speculative import add_draft_flags
 
     add_draft_flags(p)
     return p
+
+
+def add_repack_flag(p) -> None:
+    p.add_argument("-nr", "--no-repack", action="store_true",
+                   help="map the GGUF file itself, not the copy with its legacy-quant matrices "
+                        "repacked for the decode kernels (prima_ref.repacked; llama.cpp's flag)")
+
+
+def apply_repack_flag(args) -> None:
+    if args.no_repack:  # read by prima_ref.repacked.enabled(), in this process and its children
+        os.environ["PRIMA_REF_REPACK"] = "0"
 
 
 def _ring_flags(g) -> None:
@@ -314,6 +326,7 @@ def _load_draft(engine, args) -> int:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    apply_repack_flag(args)
     if args.plan or args.world > 1:
         # Ranks sharing a host take turns computing; OpenMP threads that spin while idle (the
         # default) steal the cores of the rank whose turn it is: 30x slower decode measured on

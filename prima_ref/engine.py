@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from prima_ref.gguf_file import GGUFModel
+from prima_ref import repacked
 from prima_ref.model.config import ModelConfig
 from prima_ref.model.transformer import ContextFullError, Transformer, row_by_row
 from prima_ref.sampling import Sampler
@@ -73,7 +73,8 @@ class Engine:
     def __init__(self, path, n_ctx: int = 4096, n_batch: int = 512, ring=None, n_slots: int = 1,
                  gpu_layers: int = 0, gpu_mem_gib: float | None = None):
         t0 = time.perf_counter()
-        self.gguf = GGUFModel.open(path)
+        # the repacked copy where the CPU reads it (prima_ref.repacked), filled for our layers
+        self.gguf = repacked.open_model(path, None if ring is None else ring.layout.layers_of(0))
         self.tokenizer = Tokenizer.from_metadata(self.gguf.get)
         if n_ctx <= 0:
             n_ctx = ModelConfig.from_gguf(self.gguf).n_ctx_train

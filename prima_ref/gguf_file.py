@@ -413,6 +413,10 @@ class GGUFModel:
         self.data_offset = 0
         self.metadata: dict[str, object] = {}
         self.tensors: dict[str, TensorInfo] = {}
+        # a repacked copy (prima_ref.repacked): the tensors whose bytes are repacked, and those
+        # the copy does not hold (its holes: another rank's layers)
+        self.packed: frozenset[str] = frozenset()
+        self.absent: frozenset[str] = frozenset()
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> GGUFModel:
@@ -465,6 +469,9 @@ class GGUFModel:
     def tensor_bytes(self, name: str) -> np.ndarray:
         """uint8 (n_bytes,) read-only view into the file map; no copy, no read until used."""
         info = self.tensor_info(name)
+        if name in self.absent:
+            raise ValueError(f"{self.path}: this repacked copy does not hold {name!r} (it was "
+                             f"filled for other layers); open it for the layers you use")
         return np.frombuffer(self._live_span().take(info.offset, info.n_bytes, name), np.uint8)
 
     def tensor_rows(self, name: str) -> np.ndarray:

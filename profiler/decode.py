@@ -150,18 +150,20 @@ def decode_profile(model_path, *, threads: int, repeats: int, max_bytes: int,
                    min_seconds: float, pos: int = DECODE_POS, generation: bool = True,
                    gen_tokens: int = GEN_TOKENS) -> DecodeResult:
     """generation: also time real generation steps when the model's layers fit max_bytes."""
+    from prima_ref import repacked
     from prima_ref.gguf_file import GGUFModel
     from prima_ref.quants import set_num_threads
 
     set_num_threads(threads)
     with GGUFModel.open(model_path) as g:
-        ranges = g.layer_ranges()
-        mixes = []
-        for mix, ids in layer_mixes(g).items():
-            mixes.append(_time_mix(g, mix, ids, ranges, repeats, max_bytes, min_seconds, pos,
-                                   threads))
+        ranges, mix_ids = g.layer_ranges(), layer_mixes(g)
+    chosen = {mix: _chosen(ids, ranges, max_bytes) for mix, ids in mix_ids.items()}
+    # the file the engine maps (the repacked copy where the CPU reads one), for these layers
+    with repacked.open_model(model_path, set().union(*chosen.values()), head=True) as g:
+        mixes = [_time_mix(g, mix, ids, chosen[mix], ranges, repeats, min_seconds, pos, threads)
+                 for mix, ids in mix_ids.items()]
         head, sample, greedy = _time_head(g, repeats, min_seconds, threads == 1)
-        layers_bytes = sum(hi - lo for lo, hi in ranges.values())
+    layers_bytes = sum(hi - lo for lo, hi in ranges.values())
     step = None
     if generation and layers_bytes <= max_bytes:
         try:
@@ -237,17 +239,23 @@ def time_generation(model_path, *, tokens: int, repeats: int, cpu_clock: bool,
                       tokens=tokens, mean_pos=sum(r[2] for r in runs) / len(runs))
 
 
-def _time_mix(g, mix, ids: list[int], ranges, repeats: int, max_bytes: int,
-              min_seconds: float, pos: int, threads: int) -> MixResult:
-    from prima_ref.model.transformer import Transformer
-
-    layer_bytes = [ranges[il][1] - ranges[il][0] for il in ids]
+def _chosen(ids: list[int], ranges, max_bytes: int) -> list[int]:
+    """The mix's layers timed: in decode order, up to max_bytes (at least one)."""
     chosen, total = [], 0
-    for il, n in zip(ids, layer_bytes, strict=True):
+    for il in ids:
+        n = ranges[il][1] - ranges[il][0]
         if chosen and total + n > max_bytes:
             break
         chosen.append(il)
         total += n
+    return chosen
+
+
+def _time_mix(g, mix, ids: list[int], chosen: list[int], ranges, repeats: int,
+              min_seconds: float, pos: int, threads: int) -> MixResult:
+    from prima_ref.model.transformer import Transformer
+
+    layer_bytes = [ranges[il][1] - ranges[il][0] for il in ids]
     tr = Transformer(g, pos + 1, layers=chosen, head=False)
     x = np.random.default_rng(0).standard_normal((1, tr.cfg.n_embd)).astype(np.float32)
     positions = np.array([pos], dtype=np.int64)

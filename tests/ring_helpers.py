@@ -151,9 +151,15 @@ def in_cgroup(child: Path) -> list[str]:
 
 
 def drop_page_cache(path) -> None:
-    """Evict a file's unmapped pages, so the next reader starts cold and pays for its pages."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
+    """Evict a model file's unmapped pages, and its repacked copy's (what the engine maps,
+    prima_ref.repacked), so the next reader starts cold and pays for its pages."""
+    from prima_ref import repacked
+
+    for file in (path, repacked.copy_path(path)):
+        if not os.path.exists(file):
+            continue
+        fd = os.open(file, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)

@@ -84,6 +84,7 @@ def test_a_repacked_matrix_gives_the_row_major_bits(qtype, n_rows):
     assert packed.shape == raw.shape
     back = packed.reshape(n_rows // 16, nb, 16, bb).transpose(0, 2, 1, 3).reshape(raw.shape)
     assert np.array_equal(back, raw)
+    assert np.array_equal(lanes.unpack(packed, bb), raw)  # what the GPU upload takes
     assert np.array_equal(packed[0, :bb], raw[0, :bb])
     assert np.array_equal(packed[0, bb:2 * bb], raw[1, :bb])  # row 1's block 0 next
     x = rng.standard_normal(nb * 32).astype(np.float32)

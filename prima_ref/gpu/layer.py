@@ -142,6 +142,16 @@ def layer_bytes(model, cfg: ModelConfig, il: int, n_ctx: int) -> int:
     return int(weights + 2 * 4 * n_ctx * cfg.n_head_kv * cfg.head_dim)
 
 
+def _row_major(weight) -> np.ndarray:
+    """The matrix's rows as the GPU kernels read them: a repacked one's unpacked (a copy)."""
+    if not weight.packed:
+        return weight.rows
+    from prima_ref.quants import lanes
+    from prima_ref.quants.legacy import BLOCK_BYTES
+
+    return lanes.unpack(weight.rows, BLOCK_BYTES[weight.qtype])
+
+
 class GpuLayer:
     """Layer il on the GPU, built from the CPU Layer's zero-copy weight views."""
 
@@ -150,7 +160,7 @@ class GpuLayer:
             raise GpuUnsupportedError(f"head_dim {cfg.head_dim} > {K.MAX_HEAD_DIM}")
         self.cfg, self.il, self.n_ctx = cfg, il, n_ctx
         self.ws = workspace()
-        up = lambda wt: GpuWeight(wt.name, model.tensors[wt.name].qtype, wt.rows)  # noqa: E731
+        up = lambda wt: GpuWeight(wt.name, wt.qtype, _row_major(wt))  # noqa: E731
         self.wq, self.wk, self.wv, self.wo = up(layer.wq), up(layer.wk), up(layer.wv), up(layer.wo)
         self.w_gate, self.w_up, self.w_down = up(layer.w_gate), up(layer.w_up), up(layer.w_down)
         vec = lambda a: None if a is None else cuda.to_device(np.ascontiguousarray(a, np.float32))  # noqa: E731

@@ -13,7 +13,7 @@ import numpy as np
 
 from prima_ref.model import ops
 from prima_ref.model.config import ModelConfig
-from prima_ref.quants import QuantKernels, batched, fused, kernels, legacy
+from prima_ref.quants import QuantKernels, batched, fused, kernels, lanes, legacy
 
 _EMPTY_F32 = np.zeros(0, np.float32)  # "no norm" / "no residual" for the fused kernels
 _GELU_TABLE_F32 = ops.GELU_TABLE_F32
@@ -25,9 +25,12 @@ class Weight:
     kern: QuantKernels
     rows: np.ndarray  # (n_out, row_bytes) uint8 view of the file
     qtype: int = -1
+    packed: bool = False  # rows holds lanes.repack()ed bytes (prima_ref.repacked)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """x (n_tokens, n_in) -> (n_tokens, n_out)."""
+        if self.packed:  # any token count, bit-equal to every path below
+            return lanes.matmul_packed(self.qtype, self.rows, x)
         if x.shape[0] == 1:
             return self.kern.matvec(self.rows, x[0])[None, :]
         if _few_rows(x) and self.qtype in batched.LEGACY_KINDS:
@@ -39,6 +42,11 @@ class Weight:
     @property
     def fusable(self) -> bool:
         return self.qtype in fused.FUSABLE_KINDS
+
+    @property
+    def kind(self) -> int:
+        """The decode kernels' kind: the ggml type, + lanes.PACKED over repacked bytes."""
+        return self.qtype + lanes.PACKED if self.packed else self.qtype
 
 
 _PRODUCTS = threading.local()  # per thread: a server may verify and prefill at once
@@ -71,7 +79,8 @@ def _weight(model, name: str, shape: tuple[int, int] | None = None) -> Weight:
     if shape is not None and (info.n_rows, info.n_cols) != shape:
         raise MissingTensorError(f"{name} has shape {(info.n_rows, info.n_cols)}, the model's "
                                  f"hyper-parameters imply {shape}")
-    return Weight(name, kernels(info.qtype), model.tensor_rows(name), int(info.qtype))
+    return Weight(name, kernels(info.qtype), model.tensor_rows(name), int(info.qtype),
+                  name in model.packed)
 
 
 def _few_rows(x: np.ndarray) -> bool:
@@ -86,8 +95,9 @@ def _c(x: np.ndarray) -> np.ndarray:
 
 def _batch_kind(weights) -> int | None:
     """The legacy type all weights share, which the batched kernels take in one call."""
-    kinds = {w.qtype for w in weights}
-    return kinds.pop() if len(kinds) == 1 and kinds <= batched.LEGACY_KINDS else None
+    kinds = {w.kind for w in weights}
+    legacy_kinds = all(w.qtype in batched.LEGACY_KINDS for w in weights)
+    return kinds.pop() if len(kinds) == 1 and legacy_kinds else None
 
 
 def _products(weights: tuple[Weight, ...], h: np.ndarray) -> list[np.ndarray]:
@@ -96,8 +106,9 @@ def _products(weights: tuple[Weight, ...], h: np.ndarray) -> list[np.ndarray]:
     if _few_rows(h):
         return [w(h) for w in weights]
     if h.shape[0] > 1 and all(w.fusable for w in weights) and not _rows_alone():
-        act = legacy.prepare_activations(h)
-        return [legacy.matmul_prepared(w.qtype, w.rows, act) for w in weights]
+        act = legacy.prepare_activations(h) if not all(w.packed for w in weights) else None
+        return [w(h) if w.packed else legacy.matmul_prepared(w.qtype, w.rows, act)
+                for w in weights]
     return [w(h) for w in weights]
 
 
@@ -125,7 +136,7 @@ class DecodePlan:
     def __init__(self, layer: "Layer", cfg: ModelConfig, il: int):
         qkv = (layer.wq, layer.wk, layer.wv)
         self.qkv = tuple(_readonly(w.rows) for w in qkv) if all(w.fusable for w in qkv) else None
-        self.qkv_kinds = np.array([w.qtype for w in qkv], np.int64)
+        self.qkv_kinds = np.array([w.kind for w in qkv], np.int64)
         self.qkv_split = tuple(int(v) for v in np.cumsum([w.rows.shape[0] for w in qkv])[:2])
         biases = (layer.bq, layer.bk, layer.bv)
         self.bias = (np.concatenate(biases).astype(np.float32) if layer.bq is not None
@@ -135,11 +146,12 @@ class DecodePlan:
         self.rope_base, self.rope_scale = cfg.layer_rope(il)
         self.window = cfg.n_swa if cfg.is_swa(il) else 0
         self.wo = (_readonly(layer.wo.rows),) if layer.wo.fusable else None
-        self.wo_kinds = np.array([layer.wo.qtype], np.int64)
+        self.wo_kinds = np.array([layer.wo.kind], np.int64)
         self.ffn = layer.w_gate.fusable and layer.w_up.fusable
         self.gate_rows, self.up_rows = _readonly(layer.w_gate.rows), _readonly(layer.w_up.rows)
+        self.gate_kind, self.up_kind = layer.w_gate.kind, layer.w_up.kind
         self.down = (_readonly(layer.w_down.rows),) if layer.w_down.fusable else None
-        self.down_kinds = np.array([layer.w_down.qtype], np.int64)
+        self.down_kinds = np.array([layer.w_down.kind], np.int64)
         self.wo_kq = layer.wo.qtype in fused.KQ_FUSABLE_KINDS
         self.wo_rows, self.down_rows = _readonly(layer.wo.rows), _readonly(layer.w_down.rows)
         self.down_kq = layer.w_down.qtype in fused.KQ_FUSABLE_KINDS
@@ -287,7 +299,7 @@ class Transformer:
             self.output = _weight(model, out_name)
             fusable = self.output.fusable or self.output.qtype in fused.KQ_FUSABLE_KINDS
             self._head = (_readonly(self.output.rows),) if fusable else None
-            self._head_kinds = np.array([self.output.qtype], np.int64)
+            self._head_kinds = np.array([self.output.kind], np.int64)
 
     # -- input ---------------------------------------------------------------------------------
 
@@ -371,8 +383,8 @@ class Transformer:
         plan = w.decode
         if x.shape[0] == 1 and plan.ffn:
             gate = np.empty((1, w.w_gate.rows.shape[0]), np.float32)
-            fused.ffn_gate_up(plan.gate_rows, w.w_gate.qtype, plan.up_rows, w.w_up.qtype, x[0], w.ffn_norm, plan.eps, plan.act,
-                              _GELU_TABLE_F32, gate[0])
+            fused.ffn_gate_up(plan.gate_rows, plan.gate_kind, plan.up_rows, plan.up_kind, x[0],
+                              w.ffn_norm, plan.eps, plan.act, _GELU_TABLE_F32, gate[0])
         elif _few_rows(x) and w.batch.ffn is not None:
             gate = batched.gate_up(w.batch.ffn, plan.gate_rows, plan.up_rows, _c(x), w.ffn_norm,
                                    plan.eps, plan.act, _GELU_TABLE_F32)

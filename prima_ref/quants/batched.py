@@ -24,7 +24,8 @@ is again bit-identical to the portable one-row kernels.
 So greedy output per slot does not depend on how many slots share a step.
 
 ``kernels(qtype)`` gives a type's kernels, compiled on first use (a server loads the types its
-model has); types outside LEGACY_KINDS keep the generic products.
+model has); types outside LEGACY_KINDS keep the generic products. A kind + ``lanes.PACKED``
+takes that type's repack()ed matrices (the lanes path only), with the same bits.
 """
 
 from __future__ import annotations
@@ -267,6 +268,8 @@ def _compile(kind: int, vnni: bool):
     numbers); the VNNI ones only where the CPU has it."""
 
     lanes_path = vnni and lanes.available()
+    packed = kind >= lanes.PACKED  # kind - PACKED over repack()ed bytes (lanes path only)
+    kind = kind - lanes.PACKED if packed else kind
     bb = L.BLOCK_BYTES[kind]
 
     @njit(cache=True, parallel=True)
@@ -281,8 +284,12 @@ def _compile(kind: int, vnni: bool):
         for g in prange(gs[n_mat]):
             m, r0, nv = lanes.locate(raws, gs, g)
             rb = raws[m].shape[1]
-            lanes.rows_n(kind, n, n_pad, raws[m].reshape(-1), r0 * rb, rb, nv, rb // bb, qxb,
-                         dxb, nsxb, dsxb, yf, rs[m] + r0, n_out)
+            if packed:
+                lanes.rows_n_packed(kind, n, n_pad, raws[m].reshape(-1), r0 * rb, rb // bb,
+                                    qxb, dxb, nsxb, dsxb, yf, rs[m] + r0, n_out)
+            else:
+                lanes.rows_n(kind, n, n_pad, raws[m].reshape(-1), r0 * rb, rb, nv, rb // bb,
+                             qxb, dxb, nsxb, dsxb, yf, rs[m] + r0, n_out)
             if add:
                 for t in range(n):
                     for r in range(rs[m] + r0, rs[m] + r0 + nv):
@@ -299,10 +306,16 @@ def _compile(kind: int, vnni: bool):
         for g in prange((n_rows + lanes.ROWS - 1) // lanes.ROWS):
             r0 = g * lanes.ROWS
             nv = min(lanes.ROWS, n_rows - r0)
-            lanes.rows_n(kind, n, n_pad, fg, r0 * rb, rb, nv, rb // bb, qxb, dxb, nsxb, dsxb,
-                         of, r0, n_rows)
-            lanes.rows_n(kind, n, n_pad, fu, r0 * rb, rb, nv, rb // bb, qxb, dxb, nsxb, dsxb,
-                         uf, r0, n_rows)
+            if packed:
+                lanes.rows_n_packed(kind, n, n_pad, fg, r0 * rb, rb // bb, qxb, dxb, nsxb,
+                                    dsxb, of, r0, n_rows)
+                lanes.rows_n_packed(kind, n, n_pad, fu, r0 * rb, rb // bb, qxb, dxb, nsxb,
+                                    dsxb, uf, r0, n_rows)
+            else:
+                lanes.rows_n(kind, n, n_pad, fg, r0 * rb, rb, nv, rb // bb, qxb, dxb, nsxb,
+                             dsxb, of, r0, n_rows)
+                lanes.rows_n(kind, n, n_pad, fu, r0 * rb, rb, nv, rb // bb, qxb, dxb, nsxb,
+                             dsxb, uf, r0, n_rows)
             for t in range(n):
                 for r in range(r0, r0 + nv):
                     out[t, r] = _activate(act, out[t, r], up[t, r], gelu_table)
@@ -361,8 +374,10 @@ def kernels(kind: int, vnni: bool | None = None):
         raise ValueError("this CPU has no VNNI; use vnni=False")
     key = (int(kind), vnni)
     if key not in _KERNELS:
-        if key[0] not in LEGACY_KINDS:
+        if lanes.ggml_kind(key[0]) not in LEGACY_KINDS:
             raise ValueError(f"no batched decode kernel for quant type {kind}")
+        if key[0] >= lanes.PACKED and not (vnni and lanes.available()):
+            raise ValueError("repacked matrices need the lanes kernels (512-bit VNNI)")
         _KERNELS[key] = _compile(key[0], vnni)
     return _KERNELS[key]
 
@@ -383,7 +398,7 @@ def group(kind: int, raws: tuple, xs: np.ndarray, norm_w=None, eps=0.0,
     """ys (n, sum of the matrices' rows): every matrix of raws (read-only views of one type)
     times every row of xs, after an RMS norm by norm_w when given, plus residual (n, ...)
     when given; row t bit-equal to fused.matvec_group on xs[t]."""
-    _check(xs, raws[0].shape[1] // L.BLOCK_BYTES[int(kind)] * L.QK)
+    _check(xs, raws[0].shape[1] // L.BLOCK_BYTES[lanes.ggml_kind(int(kind))] * L.QK)
     ys = np.empty((xs.shape[0], sum(r.shape[0] for r in raws)), np.float32)  # (n, n_out)
     fn, _, uses_lanes = kernels(kind, vnni)
     fn(raws, xs, _EMPTY_VEC if norm_w is None else norm_w, np.float32(eps),
@@ -395,7 +410,7 @@ def gate_up(kind: int, raw_g, raw_u, xs: np.ndarray, norm_w, eps, act: int, gelu
             vnni: bool | None = None) -> np.ndarray:
     """act(W_gate h) * (W_up h) for h = rms_norm(xs) row by row, (n, n_ff); row t bit-equal
     to fused.ffn_gate_up on xs[t]."""
-    _check(xs, raw_g.shape[1] // L.BLOCK_BYTES[int(kind)] * L.QK)
+    _check(xs, raw_g.shape[1] // L.BLOCK_BYTES[lanes.ggml_kind(int(kind))] * L.QK)
     out = np.empty((xs.shape[0], raw_g.shape[0]), np.float32)  # (n, n_ff)
     _, fn, uses_lanes = kernels(kind, vnni)
     fn(raw_g, raw_u, xs, norm_w, np.float32(eps), act, gelu_table, out,

@@ -22,6 +22,9 @@ step in one call and one parallel region:
 - ``attention_step(...)``: a decode step's attention half: fused q/k/v, biases, q/k norms,
   RoPE, the f16 KV store and the attention itself, one Python call per layer.
 
+A legacy matrix's kind may be ``kind + lanes.PACKED``: the same type over ``lanes.repack``ed
+bytes (the engine's repacked copy, prima_ref.repacked), read by the same kernel, same bits.
+
 Every row's dot is the same inlined code as ``legacy``'s / ``k_quants``' matvec (for the legacy
 types on 512-bit VNNI CPUs, ``lanes``' 16-rows-in-lanes kernel, which legacy's matvec and the
 batched and prefill kernels share) and every element-wise step is ``ops``' own kernel, so
@@ -128,8 +131,9 @@ def _matvec_group_lanes(raws, kinds, x, norm_w, eps, residual, y):
     for g in prange(gs[n_mat]):
         m, r0, nv = lanes.locate(raws, gs, g)
         rb = raws[m].shape[1]
-        lanes.rows_one(kinds[m], raws[m].reshape(-1), r0 * rb, rb, nv, rb // L._BB[kinds[m]],
-                       qxb, dxb, nsxb, dsxb, y, rs[m] + r0)
+        nb = rb // L._BB[lanes.ggml_kind(kinds[m])]
+        lanes.rows_one(kinds[m], raws[m].reshape(-1), r0 * rb, rb, nv, nb, qxb, dxb, nsxb,
+                       dsxb, y, rs[m] + r0)
     if residual.shape[0] > 0:
         for r in range(y.shape[0]):
             y[r] = residual[r] + y[r]
@@ -150,13 +154,13 @@ def ffn_gate_up(raw_g, kind_g, raw_u, kind_u, x, norm_w, eps, act, gelu_table, o
         n_rows = raw_g.shape[0]
         rbg, rbu = raw_g.shape[1], raw_u.shape[1]
         fg, fu = raw_g.reshape(-1), raw_u.reshape(-1)
+        nbg = rbg // L._BB[lanes.ggml_kind(kind_g)]
+        nbu = rbu // L._BB[lanes.ggml_kind(kind_u)]
         for g in prange((n_rows + lanes.ROWS - 1) // lanes.ROWS):
             r0 = g * lanes.ROWS
             nv = min(lanes.ROWS, n_rows - r0)
-            lanes.rows_one(kind_g, fg, r0 * rbg, rbg, nv, rbg // L._BB[kind_g], qxb, dxb, nsxb,
-                           dsxb, out, r0)
-            lanes.rows_one(kind_u, fu, r0 * rbu, rbu, nv, rbu // L._BB[kind_u], qxb, dxb, nsxb,
-                           dsxb, up, r0)
+            lanes.rows_one(kind_g, fg, r0 * rbg, rbg, nv, nbg, qxb, dxb, nsxb, dsxb, out, r0)
+            lanes.rows_one(kind_u, fu, r0 * rbu, rbu, nv, nbu, qxb, dxb, nsxb, dsxb, up, r0)
             for r in range(r0, r0 + nv):
                 out[r] = _activate(act, out[r], up[r], gelu_table)
         return

@@ -22,8 +22,9 @@ same activations, whatever n.
 Over row-major bytes a group's 16 rows are 16 strided streams, which read RAM at 80-90 % of a
 linear read on the Zen 5 host measured (reports/streams.md); ``repack`` interleaves each group
 block by block so that ``matmul_packed``, the same code, reads one linear stream (101-116 % of
-the probe at 2 threads, reports/kernels.md), bit-equal. The engine does not map repacked
-weights yet.
+the probe at 2 threads, reports/kernels.md), bit-equal. The engine maps a repacked copy of
+the model (prima_ref.repacked) and names each matrix's layout in its kind: ``kind + PACKED``
+is that legacy kind over repacked bytes, which ``rows_one`` and the batched kernels take.
 """
 
 from __future__ import annotations
@@ -102,6 +103,8 @@ LANES_K_KINDS = (Q4_K, Q5_K)
 # did)
 K_DECODE_KINDS = () if _ZEN5 else LANES_K_KINDS
 K_BLOCK_BYTES = {Q4_K: 144, Q5_K: 176}
+# a decode kind at or above PACKED names the legacy kind - PACKED over repack()ed bytes
+PACKED = 256
 _V4I32 = ir.VectorType(_I32, 4)
 _ZERO_F, _ZERO_I = ir.Constant(_V16F32, None), ir.Constant(_V16I32, None)
 
@@ -551,8 +554,18 @@ def rows_n(kind, n, n_pad, flat, off, rb, nv, nb, qxb, dxb, nsxb, dsxb, ys, yo, 
 
 
 @njit(cache=True, inline="always")
+def ggml_kind(kind):
+    """The ggml type of a decode kind, repacked (kind + PACKED) or not."""
+    return kind - PACKED if kind >= PACKED else kind
+
+
+@njit(cache=True, inline="always")
 def rows_one(kind, flat, off, rb, nv, nb, qxb, dxb, nsxb, dsxb, ys, yo):
-    """rows16 for one token and a kind known at run time (fused's mixed q/k/v types)."""
+    """rows16 for one token and a kind known at run time (fused's mixed q/k/v types); a
+    packed kind reads group byte `off` of a repack()ed matrix (whole groups: nv 16)."""
+    if kind >= PACKED:
+        _rows_one_packed(kind - PACKED, flat, off, nb, qxb, dxb, nsxb, dsxb, ys, yo)
+        return
     calls, step, rbc, nvc = _calls(off, rb, nv)
     for i in range(calls):
         o, y = off + i * step, yo + i
@@ -566,6 +579,20 @@ def rows_one(kind, flat, off, rb, nv, nb, qxb, dxb, nsxb, dsxb, ys, yo):
             rows16(Q5_0, 1, flat, o, rbc, nvc, nb, qxb, dxb, nsxb, dsxb, 1, ys, y, 0, 1)
         else:
             rows16(Q5_1, 1, flat, o, rbc, nvc, nb, qxb, dxb, nsxb, dsxb, 1, ys, y, 0, 1)
+
+
+@njit(cache=True, inline="always")
+def _rows_one_packed(kind, flat, off, nb, qxb, dxb, nsxb, dsxb, ys, yo):
+    if kind == Q8_0:
+        rows16_packed(Q8_0, 1, flat, off, 0, ROWS, nb, qxb, dxb, nsxb, dsxb, 1, ys, yo, 0, 1)
+    elif kind == Q4_0:
+        rows16_packed(Q4_0, 1, flat, off, 0, ROWS, nb, qxb, dxb, nsxb, dsxb, 1, ys, yo, 0, 1)
+    elif kind == Q4_1:
+        rows16_packed(Q4_1, 1, flat, off, 0, ROWS, nb, qxb, dxb, nsxb, dsxb, 1, ys, yo, 0, 1)
+    elif kind == Q5_0:
+        rows16_packed(Q5_0, 1, flat, off, 0, ROWS, nb, qxb, dxb, nsxb, dsxb, 1, ys, yo, 0, 1)
+    else:
+        rows16_packed(Q5_1, 1, flat, off, 0, ROWS, nb, qxb, dxb, nsxb, dsxb, 1, ys, yo, 0, 1)
 
 
 @njit(cache=True, inline="always")
@@ -621,6 +648,14 @@ def repack(raw: np.ndarray, block_bytes: int) -> np.ndarray:
                          f"of {block_bytes}-byte blocks")
     nb = rb // block_bytes
     groups = raw.reshape(n_rows // ROWS, ROWS, nb, block_bytes)
+    return np.ascontiguousarray(groups.transpose(0, 2, 1, 3)).reshape(n_rows, rb)
+
+
+def unpack(packed: np.ndarray, block_bytes: int) -> np.ndarray:
+    """repack's inverse: the row-major bytes of a repacked matrix (a copy)."""
+    n_rows, rb = packed.shape
+    nb = rb // block_bytes
+    groups = packed.reshape(n_rows // ROWS, nb, ROWS, block_bytes)
     return np.ascontiguousarray(groups.transpose(0, 2, 1, 3)).reshape(n_rows, rb)
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import zmq
 
+from prima_ref import repacked
 from prima_ref.gguf_file import GGUFModel
 from prima_ref.model.config import ModelConfig
 from prima_ref.model.transformer import Transformer, row_by_row
@@ -103,6 +104,8 @@ class _Worker:
         self.n_ctx, self.n_batch, self.n_embd = int(config["n_ctx"]), int(config["n_batch"]), int(config["n_embd"])
         self.n_slots = int(config.get("n_slots", 1))
         t0 = time.perf_counter()
+        if repacked.enabled():  # this rank's layers, repacked where the CPU reads them
+            gguf = repacked.open_copy(gguf, self.layout.layers_of(self.rank), head=False)
         self.model = Transformer(gguf, self.n_ctx, layers=self.layout.layers_of(self.rank), head=False,
                                  n_slots=self.n_slots, gpu_layers=opts.gpu_layers,
                                  gpu_mem_gib=opts.gpu_mem_gib)

@@ -21,7 +21,15 @@ import sys
 import threading
 from pathlib import Path
 
-from prima_ref.cli import DEFAULTS, _model_path, _ring_flags, _sampling, ring_options
+from prima_ref.cli import (
+    DEFAULTS,
+    _model_path,
+    _ring_flags,
+    _sampling,
+    add_repack_flag,
+    apply_repack_flag,
+    ring_options,
+)
 from prima_ref.server.scheduler import log
 from prima_ref.speculative import add_draft_flags, load_draft
 
@@ -60,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--repeat-penalty", type=float, default=DEFAULTS["repeat_penalty"])
     g.add_argument("--repeat-last-n", type=int, default=DEFAULTS["repeat_last_n"])
     p.add_argument("--stats-json", help=argparse.SUPPRESS)  # ring_options reads it
+    add_repack_flag(p)
     _ring_flags(p.add_argument_group("ring (prima.cpp's distributed flags; this is rank 0)"))
     add_draft_flags(p)
     return p
@@ -157,6 +166,7 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _check_args(parser, args)
+    apply_repack_flag(args)
     # How long idle OpenMP threads spin before they sleep. Spinning without end steals the
     # cores the HTTP thread needs; not spinning at all makes each of a forward's ~150 parallel
     # regions wake its threads through the kernel. Measured on 2 cores, SmolLM2 Q4_1, 1/4/8
