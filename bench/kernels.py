@@ -30,7 +30,7 @@ from gguf import quants as gq
 from gguf.constants import GGMLQuantizationType as T
 
 from prima_ref import membw
-from prima_ref.quants import _FAMILIES, lanes, set_num_threads
+from prima_ref.quants import _FAMILIES, lanes, legacy, set_num_threads, tiled
 from prima_ref.quants.layouts import LAYOUTS, n_cols, row_bytes
 
 REPORT = Path(__file__).resolve().parent.parent / "reports" / "kernels.md"
@@ -76,9 +76,10 @@ NOTES = [
     " one burst held the miss buffers: Q5_K from RAM 20 -> 28 GB/s a core). The same kernel"
     " takes 1-8 tokens (server decode batches) and sums in the prefill tiles' order, so"
     " decode, batched decode and prefill give one token the same bits.",
-    "What limits them here (Zen 5, 2 cores): the access pattern of row-major weights, not"
-    " instructions. From L2 they run 40-50 GB/s a core (the 4096x4096 column, partly cache"
-    " resident, shows the same), but from RAM a core reads 76-91 % of the probe: a group's 16"
+    "What limits the '<type> row-major' rows here (Zen 5, 2 cores): the access pattern of"
+    " row-major weights, not instructions. From L2 they run 40-50 GB/s a core (the 4096x4096"
+    " column, partly cache resident, shows the same), but from RAM a core reads 76-91 % of"
+    " the probe: a group's 16"
     " rows are 16 strided streams, and with any software prefetch tried (the group 1-4 ahead,"
     " per row, sparser, spread finer, into L1 or L2) such streams stop near 80-88 % even with"
     " no work between the loads (a loads-only copy of the Q8_0 kernel: about 85 %). A plain"
@@ -86,13 +87,15 @@ NOTES = [
     " lanes' prefetch read 79-86 % of the probe, one linear stream prefetched 8 KB ahead"
     " 97-98 %; with no software prefetch the hardware follows 16 rows at 90-93 % while"
     " nothing else runs, but at 74-91 % once there is work between the loads.",
-    "The '<type> repacked' rows are the same lanes kernels (lanes.matmul_packed: the 1-8"
-    " token kernels, 8 tokens a pass; matvec: one token) over lanes.repack()ed"
-    " bytes: each 16-row group's blocks interleaved, so a thread reads one linear stream"
-    " prefetched 8 KB ahead; bit-equal to the row-major kernel and the prefill tiles. The"
-    " engine still maps the GGUF's row-major bytes and does not use this layout yet (its"
-    " prefill tiles, GPU upload and mmap'd lazy loading read row-major), so the plain rows"
-    " are what decode gets today.",
+    "So on CPUs with these kernels the engine maps a copy of the GGUF file with its legacy"
+    " product matrices lanes.repack()ed (prima_ref.repacked: the same header and byte"
+    " ranges, filled for the layers a device runs, file-backed like the source; -nr /"
+    " --no-repack maps the source): each 16-row group's blocks interleaved, so a thread"
+    " reads one linear stream prefetched 8 KB ahead. The plain legacy rows (Q8_0, Q4_0, ...)"
+    " are the same kernels over those bytes: matvec is lanes.matmul_packed at one token, the"
+    " kernel fused decode runs; the 64-token column is the prefill tiles gathering from the"
+    " repacked layout (tiled.matmul(..., packed=True)); both bit-equal to the row-major"
+    " kernels. The '<type> row-major' rows are the GGUF's own layout.",
     "Q4_K / Q5_K decode on Zen 5 runs k_quants' row dot instead of the lanes"
     " (lanes.K_DECODE_KINDS): measured beside them (1 GiB, best of 6 beside the probe,"
     " 2026-12-04) it read 41.1 / 42.6 GB/s at two threads against the lanes' 33.8 / 35.0"
@@ -202,8 +205,8 @@ def best_seconds(fn, repeats: int) -> float:
 
 class Repacked:
     """lanes.matmul_packed, timed over a matrix that run() lanes.repack()ed once beforehand:
-    the legacy kinds with each 16-row group's blocks interleaved (what the product's mapped
-    row-major weights are not yet; see NOTES)."""
+    the legacy kinds with each 16-row group's blocks interleaved, as the engine maps them
+    (prima_ref.repacked; one token: the rows16_packed kernel its fused decode runs)."""
 
     x_quantized = True
 
@@ -217,6 +220,9 @@ class Repacked:
         return lanes.matmul_packed(self.kind, packed, x[None, :])[0]
 
     def matmul(self, packed: np.ndarray, xs: np.ndarray) -> np.ndarray:
+        """As the engine's prefill: the tiles over the repacked layout above 8 tokens."""
+        if xs.shape[0] > legacy.TILED_MIN_TOKENS and tiled.enabled():
+            return tiled.matmul(self.kind, packed, legacy.prepare_activations(xs), packed=True)
         return lanes.matmul_packed(self.kind, packed, xs)
 
 
@@ -279,12 +285,15 @@ def run(types: list[T] | None, quick: bool) -> tuple[dict, list[dict], dict, flo
     log(f"read bandwidth over {big_bytes >> 20} MiB ...")
     bw = membw.measure(big_bytes, THREADS, repeats)
     kernels, skipped = available_kernels(types)
-    # (row label, type, kernel); each legacy type's repacked layout right after it
+    # (row label, type, kernel); a legacy type's row is the repacked layout the engine maps
+    # (prima_ref.repacked) where the lanes kernels run, its GGUF row-major bytes right after
     entries = []
     for qtype, k in kernels.items():
-        entries.append((qtype.name, qtype, k))
         if qtype in PACKED_TYPES and lanes.available():
-            entries.append((f"{qtype.name} repacked", qtype, Repacked(qtype)))
+            entries.append((qtype.name, qtype, Repacked(qtype)))
+            entries.append((f"{qtype.name} row-major", qtype, k))
+        else:
+            entries.append((qtype.name, qtype, k))
     rows: dict[str, dict] = {}
     probe = membw.make_buffer(big_bytes)  # read between the big-matrix passes
     for rnd in range(big_rounds):

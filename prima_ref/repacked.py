@@ -100,6 +100,13 @@ def open_copy(source: GGUFModel, layers=None, head: bool = True) -> GGUFModel:
     return copy
 
 
+def needs(names) -> tuple[set[int], bool]:
+    """(layers, head) to open a copy with for these tensors: their layer ids, and whether any
+    is outside the layers (the embedding, the output)."""
+    matches = [_LAYER.match(n) for n in names]
+    return {int(m.group(1)) for m in matches if m}, not all(matches)
+
+
 def _wanted(name: str, layers, head: bool) -> bool:
     m = _LAYER.match(name)
     if m is None:

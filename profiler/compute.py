@@ -3,10 +3,11 @@
 prima.cpp times one small n x n matrix-matrix product per type (n = 512 on CPU), which sits in
 cache and reuses every weight n times; decode multiplies each weight once (a matrix-vector
 product) and is bound by how fast weights stream from memory. So the matvec figure here runs
-prima_ref's own kernels over the model's real tensors, mmapped from the file as the runtime
-does, in decode order (layer 0's tensors of that type, layer 1's, ..., then the output matrix),
-up to a byte cap. The working set is then what decode really streams: for a model smaller than
-the last-level cache that is the cache, for a big model it is RAM.
+prima_ref's own kernels over the model's real tensors, mmapped from the file the runtime maps
+(its repacked copy, prima_ref.repacked, where the CPU reads one), in decode order (layer 0's
+tensors of that type, layer 1's, ..., then the output matrix), up to a byte cap. The working
+set is then what decode really streams: for a model smaller than the last-level cache that is
+the cache, for a big model it is RAM.
 """
 
 from __future__ import annotations
@@ -62,10 +63,9 @@ class MatvecResult:
 def matvec_throughput(model_path, tensors: list[MatvecTensor], *, threads: int, repeats: int,
                       max_bytes: int, min_seconds: float) -> MatvecResult:
     """Time passes over `tensors` (one quant type) until each sample lasts min_seconds."""
-    from gguf.constants import GGMLQuantizationType
-
-    from prima_ref.gguf_file import GGUFModel
-    from prima_ref.quants import kernels, set_num_threads
+    from prima_ref import repacked
+    from prima_ref.model.transformer import weight
+    from prima_ref.quants import set_num_threads
 
     chosen, total = [], 0
     for t in tensors:
@@ -74,17 +74,17 @@ def matvec_throughput(model_path, tensors: list[MatvecTensor], *, threads: int, 
         chosen.append(t)
         total += t.n_bytes
     qtype = chosen[0].qtype
-    matvec = kernels(GGMLQuantizationType[qtype]).matvec
     flops = sum(2 * t.n_rows * t.n_cols for t in chosen)
     rng = np.random.default_rng(0)
     set_num_threads(threads)
-    with GGUFModel.open(model_path) as gguf_model:
-        weights = [gguf_model.tensor_rows(t.name) for t in chosen]  # (n_rows, row_bytes) views
-        xs = [rng.standard_normal(t.n_cols).astype(np.float32) for t in chosen]  # (n_cols,)
+    # the file the engine maps: legacy matrices repacked where the CPU reads them so
+    with repacked.open_model(model_path, *repacked.needs(t.name for t in chosen)) as gguf_model:
+        weights = [weight(gguf_model, t.name) for t in chosen]  # views of the map
+        xs = [rng.standard_normal((1, t.n_cols)).astype(np.float32) for t in chosen]  # (1, n_cols)
 
         def one_pass():
             for w, x in zip(weights, xs, strict=True):
-                matvec(w, x)
+                w(x)
 
         t0 = time.perf_counter()
         one_pass()

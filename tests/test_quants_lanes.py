@@ -97,6 +97,8 @@ def test_a_repacked_matrix_gives_the_row_major_bits(qtype, n_rows):
     for n in (1, 3, 8, 19):  # the 1-, 4- and 8-token kernels; 19 = 8 + 8 + 3 (padded to 4)
         got = lanes.matmul_packed(int(qtype), packed, xs[:n])
         assert np.array_equal(_bits(got), _bits(ref[:n])), n
+    tiles = tiled.matmul(int(qtype), packed, legacy.prepare_activations(xs), packed=True)
+    assert np.array_equal(_bits(tiles), _bits(ref))  # prefill over the repacked layout
 
 
 @needs_lanes
@@ -108,6 +110,9 @@ def test_repack_takes_whole_16_row_groups_only():
         lanes.repack(np.zeros((16, 35), np.uint8), 34)
     with pytest.raises(ValueError, match="16-row groups"):
         lanes.matmul_packed(int(T.Q8_0), raw, np.zeros((2, 32), np.float32))
+    with pytest.raises(ValueError, match="16-row groups"):
+        tiled.matmul(int(T.Q8_0), raw, legacy.prepare_activations(np.zeros((9, 32), np.float32)),
+                     packed=True)
     with pytest.raises(ValueError, match="34-byte rows"):
         lanes.matmul_packed(int(T.Q8_0), np.zeros((16, 34), np.uint8),
                             np.zeros((2, 64), np.float32))

@@ -86,7 +86,8 @@ CACHE_CHILD = textwrap.dedent("""
     for qtype in (T.Q4_1, T.Q4_K):
         raw = realistic_rows(qtype, rng, 20, 256)
         kernels(qtype).matmul(raw, rng.standard_normal((9, 256)).astype(np.float32))
-        stats = tiled._KERNELS[int(qtype)].stats
+        key = (int(qtype), False) if qtype == T.Q4_1 else int(qtype)  # legacy: (kind, packed)
+        stats = tiled._KERNELS[key].stats
         print(qtype.name, sum(stats.cache_hits.values()), sum(stats.cache_misses.values()))
 """)
 

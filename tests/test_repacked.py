@@ -137,3 +137,13 @@ def test_no_repack_maps_the_source(own_cache, smollm2_path, monkeypatch):
     model = repacked.open_model(smollm2_path)
     assert model.path == smollm2_path and not model.packed
     assert not (own_cache / "cache" / "packed").exists()
+
+
+def test_the_gpu_upload_gets_the_row_major_bytes(smollm2_path):
+    from prima_ref.gpu.layer import _row_major
+
+    layer = Transformer(repacked.open_model(smollm2_path), 8, layers=[0], head=False).layers[0]
+    src = GGUFModel.open(smollm2_path)
+    assert layer.wq.packed and layer.w_down.packed
+    for w in (layer.wq, layer.w_down):
+        assert np.array_equal(_row_major(w), src.tensor_rows(w.name))

@@ -13,7 +13,7 @@ import numpy as np
 
 from prima_ref.model import ops
 from prima_ref.model.config import ModelConfig
-from prima_ref.quants import QuantKernels, batched, fused, kernels, lanes, legacy
+from prima_ref.quants import QuantKernels, batched, fused, kernels, lanes, legacy, tiled
 
 _EMPTY_F32 = np.zeros(0, np.float32)  # "no norm" / "no residual" for the fused kernels
 _GELU_TABLE_F32 = ops.GELU_TABLE_F32
@@ -29,8 +29,8 @@ class Weight:
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """x (n_tokens, n_in) -> (n_tokens, n_out)."""
-        if self.packed:  # any token count, bit-equal to every path below
-            return lanes.matmul_packed(self.qtype, self.rows, x)
+        if self.packed:  # bit-equal to every path below
+            return self.packed_product(x)
         if x.shape[0] == 1:
             return self.kern.matvec(self.rows, x[0])[None, :]
         if _few_rows(x) and self.qtype in batched.LEGACY_KINDS:
@@ -42,6 +42,15 @@ class Weight:
     @property
     def fusable(self) -> bool:
         return self.qtype in fused.FUSABLE_KINDS
+
+    def packed_product(self, x: np.ndarray, act=None) -> np.ndarray:
+        """A repacked matrix times x (n_tokens, n_in): prefill's tiles over the repacked
+        layout above TILED_MIN_TOKENS (act: x's prepare_activations, when made already), else
+        the lanes kernels, 8 tokens a pass."""
+        if x.shape[0] > legacy.TILED_MIN_TOKENS and tiled.enabled():
+            act = legacy.prepare_activations(x) if act is None else act
+            return tiled.matmul(self.qtype, self.rows, act, packed=True)
+        return lanes.matmul_packed(self.qtype, self.rows, x)
 
     @property
     def kind(self) -> int:
@@ -73,7 +82,7 @@ class MissingTensorError(ValueError):
     pass
 
 
-def _weight(model, name: str, shape: tuple[int, int] | None = None) -> Weight:
+def weight(model, name: str, shape: tuple[int, int] | None = None) -> Weight:
     """A matrix; shape is (n_out, n_in) as the config implies, checked against the file."""
     info = model.tensors[name]
     if shape is not None and (info.n_rows, info.n_cols) != shape:
@@ -106,9 +115,9 @@ def _products(weights: tuple[Weight, ...], h: np.ndarray) -> list[np.ndarray]:
     if _few_rows(h):
         return [w(h) for w in weights]
     if h.shape[0] > 1 and all(w.fusable for w in weights) and not _rows_alone():
-        act = legacy.prepare_activations(h) if not all(w.packed for w in weights) else None
-        return [w(h) if w.packed else legacy.matmul_prepared(w.qtype, w.rows, act)
-                for w in weights]
+        act = legacy.prepare_activations(h)
+        return [w.packed_product(h, act) if w.packed
+                else legacy.matmul_prepared(w.qtype, w.rows, act) for w in weights]
     return [w(h) for w in weights]
 
 
@@ -204,13 +213,13 @@ class Layer:
         self.attn_norm = _vector(model, p + "attn_norm.weight")
         self.ffn_norm = _vector(model, p + "ffn_norm.weight")
         q_dim, kv_dim, e, f = cfg.n_head * cfg.head_dim, cfg.n_head_kv * cfg.head_dim, cfg.n_embd, cfg.n_ff
-        self.wq = _weight(model, p + "attn_q.weight", (q_dim, e))
-        self.wk = _weight(model, p + "attn_k.weight", (kv_dim, e))
-        self.wv = _weight(model, p + "attn_v.weight", (kv_dim, e))
-        self.wo = _weight(model, p + "attn_output.weight", (e, q_dim))
-        self.w_gate = _weight(model, p + "ffn_gate.weight", (f, e))
-        self.w_up = _weight(model, p + "ffn_up.weight", (f, e))
-        self.w_down = _weight(model, p + "ffn_down.weight", (e, f))
+        self.wq = weight(model, p + "attn_q.weight", (q_dim, e))
+        self.wk = weight(model, p + "attn_k.weight", (kv_dim, e))
+        self.wv = weight(model, p + "attn_v.weight", (kv_dim, e))
+        self.wo = weight(model, p + "attn_output.weight", (e, q_dim))
+        self.w_gate = weight(model, p + "ffn_gate.weight", (f, e))
+        self.w_up = weight(model, p + "ffn_up.weight", (f, e))
+        self.w_down = weight(model, p + "ffn_down.weight", (e, f))
         bias = lambda n: _vector(model, p + n + ".bias") if p + n + ".bias" in model.tensors else None  # noqa: E731
         self.bq, self.bk, self.bv = bias("attn_q"), bias("attn_k"), bias("attn_v")
         self.q_norm = _vector(model, p + "attn_q_norm.weight") if cfg.qk_norm else None
@@ -293,10 +302,10 @@ class Transformer:
 
             self.gpu = offload_layers(model, cfg, self.layers, n_ctx, gpu_layers, gpu_mem_gib)
         if head:
-            self.tok_embd = _weight(model, "token_embd.weight")
+            self.tok_embd = weight(model, "token_embd.weight")
             self.output_norm = _vector(model, "output_norm.weight")
             out_name = "token_embd.weight" if cfg.tied_output else "output.weight"
-            self.output = _weight(model, out_name)
+            self.output = weight(model, out_name)
             fusable = self.output.fusable or self.output.qtype in fused.KQ_FUSABLE_KINDS
             self._head = (_readonly(self.output.rows),) if fusable else None
             self._head_kinds = np.array([self.output.kind], np.int64)

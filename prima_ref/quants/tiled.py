@@ -342,14 +342,18 @@ def tile(typingctx, kind, w, d, m, qxb, dxb, seedb, dsxb, n_blocks, padded, t0, 
                                          out))
 
 
-def _compile(kind: int):
+def _compile(kind: int, packed: bool):
+    """packed: raw is lanes.repack()ed (whole 16-row groups): a group's block blk of row r at
+    (r0 * row_bytes + blk * 16 * bb) + r * bb, the same bytes gathered, so the same bits."""
     bb = BLOCK_BYTES[kind]
+    block_step = ROWS * bb if packed else bb
 
     @njit(cache=True, parallel=True)
     def matmul(raw, qxb, dxb, seedb, dsxb, ys):
         """ys (n_tokens, n_rows) = W x for the block-major activations (padded tokens)."""
         n_tokens, n_rows = ys.shape
         row_bytes = raw.shape[1]
+        row_step = bb if packed else row_bytes
         n_blocks = row_bytes // bb
         padded = dxb.shape[0] // n_blocks
         flat = raw.reshape(-1)
@@ -363,7 +367,7 @@ def _compile(kind: int):
             d = np.empty(n_blocks * ROWS, np.float32)
             m = np.empty(n_blocks * ROWS, np.float32)
             for blk in range(n_blocks):
-                repack(kind, flat, r0 * row_bytes + blk * bb, row_bytes, n_valid, w,
+                repack(kind, flat, r0 * row_bytes + blk * block_step, row_step, n_valid, w,
                        blk * W_BYTES, d, m, blk * ROWS)
             out = np.empty(TILE_TOKENS * ROWS, np.float32)  # (TILE_TOKENS, ROWS)
             for t0 in range(0, padded, TILE_TOKENS):
@@ -390,12 +394,15 @@ def enabled() -> bool:
     return os.environ.get("PRIMA_TILED") != "0" and available()
 
 
-def matmul(kind: int, raw: np.ndarray, act) -> np.ndarray:
+def matmul(kind: int, raw: np.ndarray, act, packed: bool = False) -> np.ndarray:
     """ys (n_tokens, n_rows) for a legacy-quant matrix and legacy.prepare_activations' act
-    (whose token count pads to a multiple of TILE_TOKENS)."""
-    fn = _KERNELS.get(kind)
+    (whose token count pads to a multiple of TILE_TOKENS); packed: raw holds lanes.repack()'s
+    layout of the matrix (whole 16-row groups), same bits."""
+    if packed and raw.shape[0] % ROWS:
+        raise ValueError("tiled.matmul: a repacked matrix has whole 16-row groups")
+    fn = _KERNELS.get((kind, packed))
     if fn is None:
-        fn = _KERNELS[kind] = _compile(kind)
+        fn = _KERNELS[(kind, packed)] = _compile(kind, packed)
     ys = np.empty((act.n_tokens, raw.shape[0]), np.float32)  # (n_tokens, n_rows)
     seeds = act.seeds(K_SHIFT.get(kind, 0))
     fn(raw, act.qxb, act.dxb, seeds, act.dsxb, ys)
